@@ -1,0 +1,3 @@
+from xdpnet.cli import main
+
+raise SystemExit(main())
