@@ -128,7 +128,11 @@ struct xn_counters {
 	uint64_t kernel_rx_ring_full;
 	uint64_t kernel_fill_empty;
 	uint64_t kernel_tx_ring_empty;
-	uint64_t reserved[13];          /* keeps the block at 48 u64 = 384 bytes */
+	uint64_t rx_misplaced;          /* frames not at buffer + 12 (moved, counted as copied) */
+	uint64_t rx_returned_empty;     /* rx buffers handed back unused (len 0) at a stop */
+	uint64_t tx_lost_at_stop;       /* tx frames not completed when the queue stopped */
+	uint64_t rx_rewound;            /* rx buffers given back by rewinding last_avail_idx */
+	uint64_t reserved[9];           /* keeps the block at 48 u64 = 384 bytes */
 };
 
 /* Everything one queue pair's datapath needs. */
@@ -163,8 +167,18 @@ int xn_qp_create(struct xn_qp **out, const struct xn_qp_config *cfg,
 int xn_qp_run(struct xn_qp *qp);
 int xn_qp_stop(struct xn_qp *qp);
 int xn_qp_set_enabled(struct xn_qp *qp, int ring, int enabled);
+int xn_qp_set_call_fd(struct xn_qp *qp, int ring, int fd);
+int xn_qp_drain(struct xn_qp *qp, uint32_t timeout_ms);
 int xn_qp_quiesce(struct xn_qp *qp, uint16_t *rx_last_avail, uint16_t *tx_last_avail);
+int xn_qp_rx_trace(const struct xn_qp *qp, uint64_t *out, uint32_t max_pairs);
 void xn_qp_destroy(struct xn_qp *qp);
+
+/* Guest memory mapping helpers (memmap.c): Python's mmap cannot MAP_FIXED. */
+int xn_mem_reserve(uint64_t size, uint64_t align, uint8_t **out);
+int xn_mem_map_fd(uint8_t *addr, uint64_t size, int fd, uint64_t offset);
+int xn_mem_map_anon(uint8_t *addr, uint64_t size);
+int xn_mem_unmap(uint8_t *addr, uint64_t size);
+int64_t xn_mem_fs_type(int fd);
 
 /* ---- cdef end ---- */
 

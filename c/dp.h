@@ -1,0 +1,208 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * dp.h - internal state of the backend datapath, shared by virtq.c
+ * (split-ring helpers), rx.c, tx.c, qp.c (the run loop) and xsk.c.
+ *
+ * Not part of the Python-visible API: nothing here is in a cdef section.
+ */
+#ifndef XDPNET_DP_H
+#define XDPNET_DP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <xdp/xsk.h>
+
+#include "xdpnet.h"
+
+/* --- virtio split ring layout (virtio 1.x, 2.7) ------------------------ */
+
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+#define VRING_DESC_F_INDIRECT 4
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+#define VRING_USED_F_NO_NOTIFY 1
+
+#define VIRTIO_NET_F_MRG_RXBUF 15
+#define VIRTIO_RING_F_INDIRECT_DESC 28
+#define VIRTIO_RING_F_EVENT_IDX 29
+
+struct vring_desc {
+	uint64_t addr;
+	uint32_t len;
+	uint16_t flags;
+	uint16_t next;
+};
+
+struct vring_avail {
+	uint16_t flags;
+	uint16_t idx;
+	uint16_t ring[];        /* num entries, then used_event */
+};
+
+struct vring_used_elem {
+	uint32_t id;
+	uint32_t len;
+};
+
+struct vring_used {
+	uint16_t flags;
+	uint16_t idx;
+	struct vring_used_elem ring[];  /* num entries, then avail_event */
+};
+
+/* struct virtio_net_hdr_v1 */
+struct virtio_net_hdr_v1 {
+	uint8_t flags;
+	uint8_t gso_type;
+	uint16_t hdr_len;
+	uint16_t gso_size;
+	uint16_t csum_start;
+	uint16_t csum_offset;
+	uint16_t num_buffers;
+};
+
+/* --- UMEM and XSK -------------------------------------------------------- */
+
+struct xn_umem {
+	struct xsk_umem *umem;
+	struct xsk_ring_prod fill;      /* rings made at registration, handed */
+	struct xsk_ring_cons comp;      /* to the first socket bound on it */
+	const struct xn_memmap *mem;
+	int nsockets;
+};
+
+struct xn_xsk {
+	struct xsk_socket *xsk;
+	struct xn_umem *umem;
+	struct xsk_ring_cons rx;
+	struct xsk_ring_prod tx;
+	struct xsk_ring_prod fill;
+	struct xsk_ring_cons comp;
+	uint32_t ring_size;
+	int zerocopy;
+};
+
+/* --- descriptor chains --------------------------------------------------- */
+
+#define XN_MAX_SEGS 64          /* segments kept per chain (Linux guests use <= 19) */
+
+/* One piece of a descriptor chain, translated into the UMEM. */
+struct xn_seg {
+	uint64_t off;           /* UMEM offset */
+	uint32_t len;
+};
+
+/* A walked descriptor chain: adjacent contiguous pieces are merged. */
+struct xn_chain {
+	uint16_t head;
+	uint16_t nseg;
+	uint32_t total;
+	struct xn_seg seg[XN_MAX_SEGS];
+};
+
+/* One virtqueue as the device sees it. */
+struct xn_vq {
+	struct vring_desc *desc;
+	struct vring_avail *avail;
+	struct vring_used *used;
+	uint16_t *used_event;   /* &avail->ring[num] */
+	uint16_t *avail_event;  /* (uint16_t *)&used->ring[num] */
+	uint32_t num;
+	uint16_t last_avail;    /* next avail entry to take */
+	uint16_t avail_idx;     /* cached avail->idx */
+	uint16_t used_idx;      /* shadow used->idx (published with release) */
+	uint16_t signalled;     /* used idx at the last notification */
+	bool signalled_valid;
+	bool event_idx;
+	bool indirect;
+	bool device_writes;     /* rx: descriptors must be device-writable */
+	int enabled;            /* atomic: SET_VRING_ENABLE */
+	int kick_fd;
+	int call_fd;            /* atomic: SET_VRING_CALL may swap it */
+	uint64_t *broken;       /* &counters->rx_broken / tx_broken */
+	uint64_t *notify_ctr;
+	uint64_t *kick_ctr;
+};
+
+/* Open-addressing map from fill address to the rx head posted with it. */
+struct xn_rxmap {
+	uint64_t *key;          /* fill address + 1 (0 = empty) */
+	uint32_t *val;          /* head | (avail index << 16) */
+	uint32_t mask;
+	uint32_t count;
+};
+
+/* A tx frame handed to the kernel, matched with its completion by order. */
+struct xn_txent {
+	uint64_t addr;          /* UMEM offset handed to the tx ring */
+	uint16_t head;
+	uint16_t pad;
+	int32_t slot;           /* bounce slot, -1 for zero-copy */
+};
+
+#define XN_TRACE_LEN 64
+
+struct xn_qp {
+	struct xn_qp_config cfg;
+	const struct xn_memmap *mem;
+	struct xn_xsk *xsk;
+	struct xn_counters *ctr;
+	struct xn_vq rx;
+	struct xn_vq tx;
+	uint32_t batch;
+	int stop_fd;            /* eventfd: xn_qp_stop() */
+	int stopping;           /* atomic */
+	bool mrg_rxbuf;
+
+	/* rx */
+	struct xn_rxmap rxmap;
+	uint16_t *slow_fifo;    /* heads waiting for a bounce frame (FIFO) */
+	uint16_t *slow_aidx;    /* their avail indexes */
+	uint32_t slow_head, slow_count, slow_cap;
+	uint32_t *rx_free_slots;/* free rx bounce slots (stack) */
+	uint32_t rx_nfree;
+	uint32_t rx_slot_first, rx_slot_count;
+
+	/* tx */
+	struct xn_txent *txq;   /* submitted, not yet completed (FIFO) */
+	uint32_t txq_head, txq_count, txq_cap;
+	uint32_t *tx_free_slots;
+	uint32_t tx_nfree;
+	uint32_t tx_slot_first, tx_slot_count;
+	bool tx_kick_needed;
+
+	/* diagnostics */
+	uint64_t trace[XN_TRACE_LEN * 2];  /* (rx desc data addr, posted buffer) */
+	uint32_t trace_pos;
+	uint64_t last_stats_ns;
+};
+
+/* virtq.c */
+int xn_vq_init(struct xn_vq *vq, const struct xn_memmap *mem,
+	       const struct xn_vring_config *c, uint64_t features, bool device_writes);
+int xn_vq_avail(struct xn_vq *vq);
+int xn_vq_walk(const struct xn_memmap *mem, struct xn_vq *vq, uint16_t head,
+	       struct xn_chain *ch);
+void xn_vq_used_add(struct xn_vq *vq, uint16_t head, uint32_t len);
+void xn_vq_used_publish(struct xn_vq *vq);
+void xn_vq_notify(struct xn_vq *vq);
+void xn_vq_enable_kick(struct xn_vq *vq, bool enable);
+void xn_vq_break(struct xn_vq *vq, int reason);
+uint8_t *xn_umem_ptr(const struct xn_memmap *mem, uint64_t off);
+int xn_translate(const struct xn_memmap *mem, uint64_t gpa, uint64_t len, uint64_t *off);
+
+/* rx.c */
+int xn_rx_receive(struct xn_qp *qp);
+int xn_rx_refill(struct xn_qp *qp);
+int xn_rxmap_init(struct xn_rxmap *m, uint32_t entries);
+void xn_rxmap_free(struct xn_rxmap *m);
+
+/* tx.c */
+int xn_tx_complete(struct xn_qp *qp);
+int xn_tx_send(struct xn_qp *qp);
+int xn_tx_kick(struct xn_qp *qp);
+void xn_tx_abandon(struct xn_qp *qp);
+
+#define XN_ACCESS_ONCE(x) (*(volatile __typeof__(x) *)&(x))
+
+#endif /* XDPNET_DP_H */

@@ -1,0 +1,326 @@
+"""The virtio-net device: a :class:`~xdpnet.vhost.device.VhostUserDevice`
+served by AF_XDP sockets over guest memory.
+
+Glue only: guest memory comes from :mod:`xdpnet.memory`, sockets and the
+per-pair datapath threads from :mod:`xdpnet.datapath`, the XSKMAP entries
+from the steering object (:class:`xdpnet.steering.xdp.MacSteering`).  The
+protocol side (:mod:`xdpnet.vhost.server`) knows nothing of this.
+
+Queue pair ``i`` (virtqueues ``2i`` rx and ``2i+1`` tx) is served on NIC
+queue ``queues[i]`` by one AF_XDP socket on its own UMEM over the whole
+guest memory, by one datapath thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from xdpnet.datapath.counters import BROKEN_REASONS, CounterBlock
+from xdpnet.datapath.queue_pair import QueuePair, RingConfig
+from xdpnet.datapath.xsk import Umem, XskSocket
+from xdpnet.errors import VhostError, XdpnetError
+from xdpnet.memory.umem import FrameGeometry, GuestMemory
+from xdpnet.vhost.device import VringState
+from xdpnet.vhost.protocol import MemRegion, ProtocolFeature, VirtioFeature, bit, feature_names
+
+log = logging.getLogger("xdpnet.backend")
+
+OFFERED_FEATURES = (bit(VirtioFeature.VERSION_1) | bit(VirtioFeature.NET_MRG_RXBUF)
+                    | bit(VirtioFeature.RING_EVENT_IDX) | bit(VirtioFeature.RING_INDIRECT_DESC)
+                    | bit(VirtioFeature.PROTOCOL_FEATURES))
+OFFERED_PROTOCOL = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK)
+
+
+class XskSteering(Protocol):
+    """What the backend needs from the XDP program: XSKMAP entries."""
+
+    def set_xsk(self, queue: int, fd: int) -> None: ...
+    def clear_xsk(self, queue: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Static configuration of one attachment (one VM on one NIC)."""
+
+    ifname: str
+    queues: tuple[int, ...] = (0,)          # NIC queue of each queue pair
+    zerocopy: bool = False                  # decided by probing the NIC
+    geometry: FrameGeometry = FrameGeometry()
+    bounce_slots: int = 1024                # shared by all pairs
+    ring_size: int = 2048                   # XSK ring entries
+    batch: int = 64
+    counters_dir: str | None = None         # files other processes can map
+
+
+@dataclass
+class _Pair:
+    """A running queue pair and everything it owns."""
+
+    umem: Umem
+    xsk: XskSocket
+    qp: QueuePair
+    fds: list[int] = field(default_factory=list)        # dup()ed kick/call fds
+    retired: list[int] = field(default_factory=list)    # old call fds, closed at stop
+
+
+class NetBackend:
+    """vhost-user virtio-net device over AF_XDP (implements VhostUserDevice)."""
+
+    def __init__(self, config: BackendConfig, steering: XskSteering | None = None):
+        self.config = config
+        self.steering = steering
+        self.memory: GuestMemory | None = None
+        self._spare_umem: Umem | None = None
+        self.features = 0
+        self.protocol = 0
+        self._vrings: dict[int, VringState] = {}        # started rings (copies)
+        self._pairs: dict[int, _Pair] = {}
+        self.counters = [CounterBlock.create(self._counter_path(i))
+                         for i in range(len(config.queues))]
+        self._lock = threading.RLock()
+        self.last_pause_ms: float | None = None
+
+    def _counter_path(self, i: int) -> str | None:
+        d = self.config.counters_dir
+        return os.path.join(d, f"qp{i}.counters") if d else None
+
+    # -- VhostUserDevice: negotiation ---------------------------------------
+
+    def device_features(self) -> int:
+        f = OFFERED_FEATURES
+        if len(self.config.queues) > 1:
+            f |= bit(VirtioFeature.NET_MQ)
+        return f
+
+    def protocol_features(self) -> int:
+        return OFFERED_PROTOCOL
+
+    def max_queue_pairs(self) -> int:
+        return len(self.config.queues)
+
+    def set_features(self, features: int) -> None:
+        if not features & bit(VirtioFeature.VERSION_1):
+            raise VhostError("legacy virtio frontend (no VERSION_1) is not supported", fatal=True)
+        self.features = features
+        log.debug("device features 0x%x: %s", features, " ".join(feature_names(features)))
+
+    def set_protocol_features(self, features: int) -> None:
+        self.protocol = features
+
+    # -- memory -------------------------------------------------------------
+
+    def set_mem_table(self, regions: list[MemRegion], fds: list[int]) -> None:
+        with self._lock:
+            t0 = time.monotonic()
+            new = GuestMemory.map(regions, fds, bounce_slots=self.config.bounce_slots,
+                                  geometry=self.config.geometry)
+            try:
+                spare = Umem(new)       # validates that the memory can be pinned
+            except BaseException:
+                new.close()
+                raise
+            running = sorted(self._pairs)
+            bases = {p: self._stop_pair(p) for p in running}
+            self._drop_memory()
+            self.memory, self._spare_umem = new, spare
+            for p, (rx, tx) in bases.items():
+                self._vrings[2 * p].base, self._vrings[2 * p + 1].base = rx, tx
+                self._start_pair(p)
+            ms = (time.monotonic() - t0) * 1000
+            sizes = "+".join(f"{r.size >> 20}M" for r in regions)
+            if running:
+                self.last_pause_ms = ms
+                log.info("new memory table (%s) while running: queue pairs paused %.1f ms",
+                         sizes, ms)
+            else:
+                log.info("memory table: %d region(s) (%s), UMEM range %d MiB registered in %.1f ms",
+                         len(regions), sizes, new.size >> 20, ms)
+
+    def _drop_memory(self) -> None:
+        if self._spare_umem is not None:
+            self._spare_umem.close()
+            self._spare_umem = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+    def _take_umem(self) -> Umem:
+        assert self.memory is not None
+        if self._spare_umem is not None:
+            u, self._spare_umem = self._spare_umem, None
+            return u
+        return Umem(self.memory)
+
+    # -- rings --------------------------------------------------------------
+
+    def start_vring(self, vring: VringState) -> None:
+        with self._lock:
+            if self.memory is None:
+                raise VhostError(f"vring {vring.index} started before SET_MEM_TABLE", fatal=True)
+            self._ring_config(vring)            # refuse early: ring outside memory
+            self._vrings[vring.index] = dataclasses.replace(vring)
+            p = vring.index // 2
+            if 2 * p in self._vrings and 2 * p + 1 in self._vrings and p not in self._pairs:
+                self._start_pair(p)
+
+    def enable_vring(self, index: int, enabled: bool) -> None:
+        with self._lock:
+            if index in self._vrings:
+                self._vrings[index].enabled = enabled
+            pair = self._pairs.get(index // 2)
+            if pair:
+                pair.qp.set_enabled(index % 2, enabled)
+
+    def set_vring_call(self, index: int, fd: int | None) -> None:
+        with self._lock:
+            pair = self._pairs.get(index // 2)
+            if index in self._vrings:
+                self._vrings[index].call_fd = None      # server-owned, not kept
+            if not pair:
+                return
+            new = os.dup(fd) if fd is not None else -1
+            if new >= 0:
+                pair.fds.append(new)
+            pair.qp.set_call_fd(index % 2, new)
+
+    def stop_vring(self, index: int) -> int:
+        with self._lock:
+            p = index // 2
+            if p in self._pairs:
+                rx, tx = self._stop_pair(p)
+                self._vrings[2 * p].base, self._vrings[2 * p + 1].base = rx, tx
+            v = self._vrings.pop(index, None)
+            return v.base if v else 0
+
+    def reset(self) -> None:
+        with self._lock:
+            for p in sorted(self._pairs):
+                try:
+                    self._stop_pair(p)
+                except Exception as e:  # noqa: BLE001 - reset must not raise
+                    log.error("queue pair %d: stop failed: %s", p, e)
+            self._vrings.clear()
+            self._drop_memory()
+            self.features = 0
+
+    # -- queue pairs --------------------------------------------------------
+
+    def _ring_config(self, v: VringState) -> RingConfig:
+        """Translate a ring's frontend addresses into UMEM offsets."""
+        assert self.memory is not None
+        n = v.num
+        parts = (("descriptor table", v.desc_addr, 16 * n), ("avail ring", v.avail_addr, 6 + 2 * n),
+                 ("used ring", v.used_addr, 6 + 8 * n))
+        offs = []
+        for what, addr, size in parts:
+            off = self.memory.uva_to_off(addr, size)
+            if off is None:
+                raise VhostError(f"vring {v.index}: {what} at 0x{addr:x} (+{size}) is not inside "
+                                 f"the memory table", fatal=True)
+            offs.append(off)
+        if offs[0] % 16 or offs[1] % 2 or offs[2] % 4:
+            raise VhostError(f"vring {v.index}: ring addresses are misaligned", fatal=True)
+        return RingConfig(n, offs[0], offs[1], offs[2], v.base & 0xFFFF,
+                          -1 if v.kick_fd is None else v.kick_fd,
+                          -1 if v.call_fd is None else v.call_fd, v.enabled)
+
+    def _start_pair(self, p: int) -> None:
+        cfg = self.config
+        assert self.memory is not None
+        rxv, txv = self._vrings[2 * p], self._vrings[2 * p + 1]
+        fds: list[int] = []
+
+        def dup(fd: int | None) -> int:
+            if fd is None or fd < 0:
+                return -1
+            d = os.dup(fd)
+            fds.append(d)
+            return d
+
+        rx = dataclasses.replace(self._ring_config(rxv), kick_fd=dup(rxv.kick_fd),
+                                 call_fd=dup(rxv.call_fd))
+        tx = dataclasses.replace(self._ring_config(txv), kick_fd=dup(txv.kick_fd),
+                                 call_fd=dup(txv.call_fd))
+        umem = xsk = qp = None
+        try:
+            umem = self._take_umem()
+            xsk = XskSocket.bind(umem, cfg.ifname, cfg.queues[p], zerocopy=cfg.zerocopy,
+                                 ring_size=cfg.ring_size)
+            per_pair = self.memory.layout.bounce_slots // len(cfg.queues)
+            ctr = self.counters[p]
+            ctr.ptr.rx_broken = 0
+            ctr.ptr.tx_broken = 0
+            qp = QueuePair(p, self.memory, xsk, rx, tx, self.features, ctr,
+                           bounce_first=p * per_pair, bounce_count=per_pair, batch=cfg.batch)
+            if self.steering is not None:
+                self.steering.set_xsk(cfg.queues[p], xsk.fd)
+            qp.start()
+        except BaseException:
+            if qp is not None:
+                qp.destroy()
+            if xsk is not None:
+                xsk.close()
+            if umem is not None:
+                umem.close()
+            for fd in fds:
+                os.close(fd)
+            raise
+        self._pairs[p] = _Pair(umem, xsk, qp, fds)
+        log.info("queue pair %d on %s queue %d: %s mode, rx ring %d, tx ring %d", p, cfg.ifname,
+                 cfg.queues[p], "zero-copy" if xsk.zerocopy else "copy", rx.num, tx.num)
+
+    def _stop_pair(self, p: int) -> tuple[int, int]:
+        """Stop pair ``p``; returns (rx, tx) last_avail_idx. Loses no descriptor."""
+        pair = self._pairs.pop(p)
+        if self.steering is not None:
+            self.steering.clear_xsk(self.config.queues[p])
+        pair.qp.stop()
+        pair.xsk.close()
+        pair.umem.close()           # closes the socket fd: no more writes into guest RAM
+        rx, tx = pair.qp.quiesce()
+        pair.qp.destroy()
+        for fd in pair.fds:
+            os.close(fd)
+        c = self.counters[p].snapshot()
+        log.info("queue pair %d stopped: rx last_avail %d, tx last_avail %d "
+                 "(rx rewound %d, returned empty %d, tx lost %d)", p, rx, tx, c["rx_rewound"],
+                 c["rx_returned_empty"], c["tx_lost_at_stop"])
+        return rx, tx
+
+    # -- introspection ------------------------------------------------------
+
+    def running_pairs(self) -> list[int]:
+        return sorted(self._pairs)
+
+    def pair(self, p: int) -> QueuePair | None:
+        pr = self._pairs.get(p)
+        return pr.qp if pr else None
+
+    def broken(self) -> list[str]:
+        """Human-readable reasons of stopped (NEEDS_RESET) queues."""
+        out = []
+        for i, c in enumerate(self.counters):
+            for ring in ("rx", "tx"):
+                r = int(getattr(c.ptr, f"{ring}_broken"))
+                if r:
+                    out.append(f"queue pair {i} {ring}: {BROKEN_REASONS.get(r, r)}")
+        return out
+
+    def close(self) -> None:
+        self.reset()
+        for c in self.counters:
+            c.close()
+            if c.path:
+                try:
+                    os.unlink(c.path)
+                except FileNotFoundError:
+                    pass
+
+
+__all__ = ["BackendConfig", "NetBackend", "XdpnetError"]

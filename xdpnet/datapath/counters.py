@@ -1,0 +1,74 @@
+"""Counter blocks: ``struct xn_counters`` in memory readers never lock.
+
+The datapath thread is the only writer of a block; readers (stats, the
+dashboard, the metrics endpoint) take snapshots at any time.  A block
+lives in an ``mmap``: anonymous by default, or a file (e.g. under
+``/run/xdpnet``) so that another process can map and read it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+
+from xdpnet._native import ffi
+
+COUNTER_SIZE = ffi.sizeof("struct xn_counters")
+FIELDS = [name for name, _ in ffi.typeof("struct xn_counters").fields if name != "reserved"]
+
+BROKEN_REASONS = {
+    0: "ok",
+    1: "descriptor outside guest memory",
+    2: "descriptor chain loops or is longer than the queue",
+    3: "bad indirect descriptor (nested, with NEXT, or bad table)",
+    4: "descriptor of the wrong direction (write-only on tx or read-only on rx)",
+    5: "avail index more than the queue size ahead",
+    6: "descriptor head index beyond the queue",
+    7: "zero-length descriptor",
+}
+
+
+@dataclass
+class CounterBlock:
+    """One queue pair's counters, mapped from anonymous memory or a file."""
+
+    mem: mmap.mmap
+    ptr: object                 # cffi struct xn_counters *
+    path: str | None = None
+
+    @classmethod
+    def create(cls, path: str | None = None) -> "CounterBlock":
+        """A zeroed block; with ``path`` it is a file others can map."""
+        if path is None:
+            m = mmap.mmap(-1, COUNTER_SIZE)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.ftruncate(fd, COUNTER_SIZE)
+                m = mmap.mmap(fd, COUNTER_SIZE)
+            finally:
+                os.close(fd)
+        return cls(m, ffi.cast("struct xn_counters *", ffi.from_buffer(m)), path)
+
+    @classmethod
+    def open(cls, path: str) -> "CounterBlock":
+        """Map another process's block read-only."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            m = mmap.mmap(fd, COUNTER_SIZE, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        buf = ffi.from_buffer("char[]", m, require_writable=False)
+        return cls(m, ffi.cast("struct xn_counters *", buf), path)
+
+    def snapshot(self) -> dict[str, int]:
+        """Every counter, read once each."""
+        p = self.ptr
+        return {name: int(getattr(p, name)) for name in FIELDS}
+
+    def close(self) -> None:
+        try:
+            self.mem.close()
+        except BufferError:
+            pass            # a cffi view is still alive: the GC frees it

@@ -1,0 +1,125 @@
+"""One virtqueue pair's datapath thread (wraps ``c/qp.c``).
+
+The thread calls ``xn_qp_run()`` through cffi, which releases the GIL for
+the whole run: all per-frame work happens in C.  Stopping follows the
+order that keeps guest memory safe: stop the loop, drain what the kernel
+already delivered, *then* (caller) unbind the socket so nothing more can
+be written into guest buffers, and only then hand the held descriptors
+back (``quiesce``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+from xdpnet._native import ffi, lib
+from xdpnet.datapath.counters import CounterBlock
+from xdpnet.datapath.xsk import XskSocket
+from xdpnet.errors import XdpnetError
+from xdpnet.memory.umem import GuestMemory
+
+log = logging.getLogger("xdpnet.datapath")
+
+
+@dataclass(frozen=True)
+class RingConfig:
+    """One virtqueue, translated into UMEM offsets."""
+
+    num: int
+    desc_off: int
+    avail_off: int
+    used_off: int
+    last_avail: int
+    kick_fd: int
+    call_fd: int
+    enabled: bool
+
+
+def _fill_ring(c, r: RingConfig) -> None:
+    c.num = r.num
+    c.enabled = int(r.enabled)
+    c.desc_off = r.desc_off
+    c.avail_off = r.avail_off
+    c.used_off = r.used_off
+    c.last_avail_idx = r.last_avail
+    c.kick_fd = r.kick_fd
+    c.call_fd = r.call_fd
+    c.err_fd = -1
+
+
+class QueuePair:
+    """The running datapath of virtqueues (2i, 2i+1) on one XSK socket."""
+
+    def __init__(self, index: int, memory: GuestMemory, xsk: XskSocket, rx: RingConfig,
+                 tx: RingConfig, features: int, counters: CounterBlock, *,
+                 bounce_first: int, bounce_count: int, batch: int = 64):
+        cfg = ffi.new("struct xn_qp_config *")
+        cfg.mem = memory.memmap
+        cfg.xsk = xsk.ptr
+        _fill_ring(cfg.rx, rx)
+        _fill_ring(cfg.tx, tx)
+        cfg.features = features
+        cfg.bounce_first = bounce_first
+        cfg.bounce_count = bounce_count
+        cfg.batch = batch
+        out = ffi.new("struct xn_qp **")
+        err = lib.xn_qp_create(out, cfg, counters.ptr)
+        if err:
+            raise XdpnetError(f"queue pair {index}: datapath set-up failed: {os.strerror(-err)}")
+        self.index = index
+        self.ptr = out[0]
+        self.counters = counters
+        self._cfg = cfg             # keeps the memmap pointer's owner alive
+        self._memory = memory
+        self._thread: threading.Thread | None = None
+        self.error: int = 0
+
+    def start(self) -> None:
+        """Run the datapath on its own thread."""
+        self._thread = threading.Thread(target=self._run, name=f"xdpnet-qp{self.index}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        err = lib.xn_qp_run(self.ptr)       # GIL released for the whole run
+        if err:
+            self.error = -err
+            log.error("queue pair %d: datapath stopped: %s", self.index, os.strerror(-err))
+
+    def set_enabled(self, ring: int, enabled: bool) -> None:
+        lib.xn_qp_set_enabled(self.ptr, ring, int(enabled))
+
+    def set_call_fd(self, ring: int, fd: int) -> None:
+        lib.xn_qp_set_call_fd(self.ptr, ring, fd)
+
+    def stop(self, drain_ms: int = 200) -> int:
+        """Stop the loop and drain; returns tx frames left uncompleted."""
+        lib.xn_qp_stop(self.ptr)
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return lib.xn_qp_drain(self.ptr, drain_ms)
+
+    def quiesce(self) -> tuple[int, int]:
+        """After the socket is gone: settle held descriptors.
+
+        Returns (rx last_avail_idx, tx last_avail_idx) for GET_VRING_BASE.
+        """
+        rx = ffi.new("uint16_t *")
+        tx = ffi.new("uint16_t *")
+        lib.xn_qp_quiesce(self.ptr, rx, tx)
+        return rx[0], tx[0]
+
+    def rx_trace(self) -> list[tuple[int, int]]:
+        """(frame offset, posted buffer offset) of the last rx frames."""
+        out = ffi.new("uint64_t[]", 128)
+        n = lib.xn_qp_rx_trace(self.ptr, out, 64)
+        return [(out[2 * i], out[2 * i + 1]) for i in range(n)]
+
+    def destroy(self) -> None:
+        if self.ptr is not None:
+            lib.xn_qp_destroy(self.ptr)
+            self.ptr = None
