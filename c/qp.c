@@ -232,8 +232,13 @@ static void gauges(struct xn_qp *qp)
 	struct xn_counters *c = qp->ctr;
 	struct xn_xsk *x = qp->xsk;
 
-	c->fill_ring_used = (uint32_t)(*x->fill.producer - *x->fill.consumer);
-	c->rx_ring_used = (uint32_t)(*x->rx.producer - *x->rx.consumer);
+	if (x) {
+		c->fill_ring_used = (uint32_t)(*x->fill.producer - *x->fill.consumer);
+		c->rx_ring_used = (uint32_t)(*x->rx.producer - *x->rx.consumer);
+	} else {
+		c->fill_ring_used = 0;
+		c->rx_ring_used = 0;
+	}
 	c->tx_ring_used = qp->txq_count;
 	c->rx_inflight = qp->rxmap.count + qp->slow_count;
 	c->tx_inflight = qp->txq_count;
@@ -387,6 +392,7 @@ int xn_qp_quiesce(struct xn_qp *qp, uint16_t *rx_last_avail, uint16_t *tx_last_a
 	struct xn_rxmap *m = &qp->rxmap;
 	uint32_t i, inflight = m->count + qp->slow_count, maxd = 0;
 
+	qp->xsk = NULL;         /* destroyed by the caller before this call */
 	xn_tx_abandon(qp);
 
 	/* How far back does the oldest held rx buffer go? */

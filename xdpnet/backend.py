@@ -65,8 +65,7 @@ class _Pair:
     umem: Umem
     xsk: XskSocket
     qp: QueuePair
-    fds: list[int] = field(default_factory=list)        # dup()ed kick/call fds
-    retired: list[int] = field(default_factory=list)    # old call fds, closed at stop
+    retired: list[int] = field(default_factory=list)    # replaced call fds, closed at stop
 
 
 class NetBackend:
@@ -164,7 +163,12 @@ class NetBackend:
             if self.memory is None:
                 raise VhostError(f"vring {vring.index} started before SET_MEM_TABLE", fatal=True)
             self._ring_config(vring)            # refuse early: ring outside memory
-            self._vrings[vring.index] = dataclasses.replace(vring)
+            self._close_ring_fds(vring.index)
+            v = dataclasses.replace(vring)
+            # Our own copies: the server closes its fds when they are replaced.
+            v.kick_fd = os.dup(vring.kick_fd) if vring.kick_fd is not None else None
+            v.call_fd = os.dup(vring.call_fd) if vring.call_fd is not None else None
+            self._vrings[vring.index] = v
             p = vring.index // 2
             if 2 * p in self._vrings and 2 * p + 1 in self._vrings and p not in self._pairs:
                 self._start_pair(p)
@@ -179,15 +183,18 @@ class NetBackend:
 
     def set_vring_call(self, index: int, fd: int | None) -> None:
         with self._lock:
-            pair = self._pairs.get(index // 2)
-            if index in self._vrings:
-                self._vrings[index].call_fd = None      # server-owned, not kept
-            if not pair:
+            v = self._vrings.get(index)
+            if v is None:
                 return
-            new = os.dup(fd) if fd is not None else -1
-            if new >= 0:
-                pair.fds.append(new)
-            pair.qp.set_call_fd(index % 2, new)
+            new = os.dup(fd) if fd is not None else None
+            old, v.call_fd = v.call_fd, new
+            pair = self._pairs.get(index // 2)
+            if pair:
+                pair.qp.set_call_fd(index % 2, -1 if new is None else new)
+                if old is not None:
+                    pair.retired.append(old)    # the loop may be writing to it right now
+            elif old is not None:
+                os.close(old)
 
     def stop_vring(self, index: int) -> int:
         with self._lock:
@@ -195,8 +202,20 @@ class NetBackend:
             if p in self._pairs:
                 rx, tx = self._stop_pair(p)
                 self._vrings[2 * p].base, self._vrings[2 * p + 1].base = rx, tx
-            v = self._vrings.pop(index, None)
-            return v.base if v else 0
+            v = self._vrings.get(index)
+            base = v.base if v else 0
+            self._close_ring_fds(index)
+            self._vrings.pop(index, None)
+            return base
+
+    def _close_ring_fds(self, index: int) -> None:
+        v = self._vrings.get(index)
+        if v is None:
+            return
+        for fd in (v.kick_fd, v.call_fd):
+            if fd is not None:
+                os.close(fd)
+        v.kick_fd = v.call_fd = None
 
     def reset(self) -> None:
         with self._lock:
@@ -205,6 +224,8 @@ class NetBackend:
                     self._stop_pair(p)
                 except Exception as e:  # noqa: BLE001 - reset must not raise
                     log.error("queue pair %d: stop failed: %s", p, e)
+            for i in list(self._vrings):
+                self._close_ring_fds(i)
             self._vrings.clear()
             self._drop_memory()
             self.features = 0
@@ -234,19 +255,7 @@ class NetBackend:
         cfg = self.config
         assert self.memory is not None
         rxv, txv = self._vrings[2 * p], self._vrings[2 * p + 1]
-        fds: list[int] = []
-
-        def dup(fd: int | None) -> int:
-            if fd is None or fd < 0:
-                return -1
-            d = os.dup(fd)
-            fds.append(d)
-            return d
-
-        rx = dataclasses.replace(self._ring_config(rxv), kick_fd=dup(rxv.kick_fd),
-                                 call_fd=dup(rxv.call_fd))
-        tx = dataclasses.replace(self._ring_config(txv), kick_fd=dup(txv.kick_fd),
-                                 call_fd=dup(txv.call_fd))
+        rx, tx = self._ring_config(rxv), self._ring_config(txv)
         umem = xsk = qp = None
         try:
             umem = self._take_umem()
@@ -268,10 +277,8 @@ class NetBackend:
                 xsk.close()
             if umem is not None:
                 umem.close()
-            for fd in fds:
-                os.close(fd)
             raise
-        self._pairs[p] = _Pair(umem, xsk, qp, fds)
+        self._pairs[p] = _Pair(umem, xsk, qp)
         log.info("queue pair %d on %s queue %d: %s mode, rx ring %d, tx ring %d", p, cfg.ifname,
                  cfg.queues[p], "zero-copy" if xsk.zerocopy else "copy", rx.num, tx.num)
 
@@ -285,7 +292,7 @@ class NetBackend:
         pair.umem.close()           # closes the socket fd: no more writes into guest RAM
         rx, tx = pair.qp.quiesce()
         pair.qp.destroy()
-        for fd in pair.fds:
+        for fd in pair.retired:
             os.close(fd)
         c = self.counters[p].snapshot()
         log.info("queue pair %d stopped: rx last_avail %d, tx last_avail %d "

@@ -21,7 +21,10 @@ def drops(snap: dict[str, int]) -> dict[str, int]:
     """
     return {
         "no_rx_buffer": snap["drop_no_rx_buffer"],
-        "too_large": snap["drop_too_large"] + snap["kernel_rx_dropped"],
+        # The kernel's rx_dropped counts frames over the frame cap *and*
+        # frames that found the fill ring empty; the latter are no_rx_buffer.
+        "too_large": snap["drop_too_large"] + max(0, snap["kernel_rx_dropped"]
+                                                  - snap["kernel_fill_empty"]),
         "invalid_desc": snap["drop_invalid_desc"] + snap["kernel_tx_invalid"],
         "tx_error": snap["drop_tx_error"],
     }

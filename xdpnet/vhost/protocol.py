@@ -118,6 +118,7 @@ class VirtioFeature(enum.IntEnum):
     NET_STATUS = 16
     NET_CTRL_VQ = 17
     NET_MQ = 22
+    LOG_ALL = 26                    # VHOST_F_LOG_ALL: dirty-page logging for migration
     ANY_LAYOUT = 27
     RING_INDIRECT_DESC = 28
     RING_EVENT_IDX = 29
@@ -246,3 +247,87 @@ def unpack_vring_addr(payload: bytes) -> VringAddr:
     if len(payload) != VRING_ADDR.size:
         raise ValueError(f"vring address payload is {len(payload)} bytes, expected {VRING_ADDR.size}")
     return VringAddr(*VRING_ADDR.unpack(payload))
+
+
+# --- helpers added for the server (xdpnet.vhost.server) ----------------
+
+VERSION_1_BIT = 1 << VirtioFeature.VERSION_1
+PROTOCOL_FEATURES_BIT = 1 << VirtioFeature.PROTOCOL_FEATURES
+# Largest SET_MEM_TABLE payload: head + MAX_MEM_REGIONS regions (QEMU's
+# sizeof(VhostUserMemory)).  Frontends send 8 + 32 * n; never more than this.
+MEM_TABLE_MAX_SIZE = MEM_TABLE_HEAD.size + MAX_MEM_REGIONS * MEM_REGION.size
+# A VhostUserInflight as a C compiler lays it out: INFLIGHT (20 bytes)
+# padded to 8-byte alignment.  QEMU checks the reply size against 24.
+INFLIGHT_C_SIZE = 24
+# Kick/call/err payload: only bits 0..8 carry meaning.
+VRING_FILE_RESERVED_MASK = ~(VRING_IDX_MASK | VRING_NOFD_MASK) & 0xFFFF_FFFF_FFFF_FFFF
+# Largest virtqueue size (virtio 1.x: Queue Size is at most 32768).
+MAX_QUEUE_SIZE = 32768
+
+
+def flag_names(flags: int) -> str:
+    """Header flags as text for logs, e.g. ``v1|NEED_REPLY`` (unknown bits in hex)."""
+    parts = [f"v{flags & VERSION_MASK}"]
+    if flags & FLAG_REPLY:
+        parts.append("REPLY")
+    if flags & FLAG_NEED_REPLY:
+        parts.append("NEED_REPLY")
+    rest = flags & ~(VERSION_MASK | FLAG_REPLY | FLAG_NEED_REPLY)
+    if rest:
+        parts.append(f"0x{rest:x}")
+    return "|".join(parts)
+
+
+def pack_reply(request: int, payload: bytes = b"") -> bytes:
+    """A back-end reply: header with version and REPLY set (NEED_REPLY clear), then ``payload``."""
+    return HEADER.pack(int(request), VERSION | FLAG_REPLY, len(payload)) + payload
+
+
+def pack_u64(value: int) -> bytes:
+    """A ``u64`` payload."""
+    return U64.pack(value)
+
+
+def unpack_u64(payload: bytes) -> int:
+    """Parse a ``u64`` payload; ``ValueError`` if it is not exactly 8 bytes."""
+    if len(payload) != U64.size:
+        raise ValueError(f"u64 payload is {len(payload)} bytes, expected {U64.size}")
+    return U64.unpack(payload)[0]
+
+
+@dataclass(frozen=True)
+class VringStateMsg:
+    """A vring state payload (SET_VRING_NUM/BASE/ENABLE, GET_VRING_BASE)."""
+
+    index: int
+    num: int
+
+    def pack(self) -> bytes:
+        return VRING_STATE.pack(self.index, self.num)
+
+
+def unpack_vring_state(payload: bytes) -> VringStateMsg:
+    """Parse a vring state payload; ``ValueError`` if it is not exactly 8 bytes."""
+    if len(payload) != VRING_STATE.size:
+        raise ValueError(f"vring state payload is {len(payload)} bytes, expected {VRING_STATE.size}")
+    return VringStateMsg(*VRING_STATE.unpack(payload))
+
+
+@dataclass(frozen=True)
+class VringFile:
+    """A kick/call/err payload: vring index (bits 0..7) and the "no fd" flag (bit 8)."""
+
+    index: int
+    nofd: bool
+    reserved: int               # bits 9..63: must be zero
+
+    def pack(self) -> bytes:
+        return U64.pack((self.index & VRING_IDX_MASK) | (VRING_NOFD_MASK if self.nofd else 0)
+                        | self.reserved)
+
+
+def unpack_vring_file(payload: bytes) -> VringFile:
+    """Parse a SET_VRING_KICK/CALL/ERR payload; ``ValueError`` if it is not exactly 8 bytes."""
+    value = unpack_u64(payload)
+    return VringFile(index=value & VRING_IDX_MASK, nofd=bool(value & VRING_NOFD_MASK),
+                     reserved=value & VRING_FILE_RESERVED_MASK)
