@@ -33,6 +33,8 @@
 #include "guest.h"
 
 #define NO_BUF 0xFFFFFFFFu
+
+static const uint8_t zero_hdr[12];
 #define SCRATCH_LEN (64 * 1024 + 4096)  /* largest frame we reassemble */
 
 _Static_assert(sizeof(struct vring_desc) == 16, "vring_desc layout");
@@ -73,6 +75,7 @@ struct grx {
 
 /* One tx slot. */
 struct gtx {
+	uint8_t *hdr;                   /* virtio-net header: zero, read-only for the device */
 	uint8_t *frame;
 	uint32_t cap;                   /* frame bytes it holds */
 	struct vring_desc *hdesc;       /* descriptor of the header (and frame) */
@@ -105,6 +108,7 @@ struct xn_guest {
 	uint32_t *tx_free;              /* stack of free tx slots */
 	uint32_t ntx_free;
 	struct rx_asm as;
+	uint8_t guard[XN_GUEST_GUARD_LEN];      /* the guard pattern, for memcmp() */
 	uint8_t mac[6];
 	bool reflect;                   /* current pass reflects rx frames */
 	uint64_t tx_seq;
@@ -115,13 +119,22 @@ struct xn_guest {
 	uint64_t ntrace;
 };
 
-/* guard_byte() - the pattern byte at @i of every guard area. */
+/**
+ * guard_byte() - the pattern of guard areas
+ * @i:		offset in the guard area (0 .. XN_GUEST_GUARD_LEN - 1)
+ *
+ * Return: the byte every guard area holds at @i.
+ */
 static inline uint8_t guard_byte(uint32_t i)
 {
 	return (uint8_t)(0xA5 ^ (i * 0x1F));
 }
 
-/* now_ms() - CLOCK_MONOTONIC in milliseconds. */
+/**
+ * now_ms() - the monotonic clock
+ *
+ * Return: CLOCK_MONOTONIC in milliseconds.
+ */
 static uint64_t now_ms(void)
 {
 	struct timespec ts;
@@ -371,6 +384,7 @@ static int tx_setup(struct xn_guest *g, const struct xn_guest_config *cfg)
 			     (rc = mem_gpa(g, h->off, g->hdr_len + f->len, 1, &hgpa))))
 			return rc ? rc : -EINVAL;
 		memset(g->mem + h->off, 0, g->hdr_len);
+		t->hdr = g->mem + h->off;
 		t->frame = g->mem + f->off;
 		t->cap = f->len;
 		t->head = (uint16_t)(s * per);
@@ -550,6 +564,9 @@ static uint32_t rx_check_guards(const struct xn_guest *g, const struct grx *x,
 		const uint8_t *pre = x->ptr[s] - XN_GUEST_GUARD_LEN;
 		const uint8_t *post = x->ptr[s] + x->len[s];
 
+		if (!memcmp(pre, g->guard, XN_GUEST_GUARD_LEN) &&
+		    !memcmp(post, g->guard, XN_GUEST_GUARD_LEN))
+			continue;
 		for (i = 0; i < XN_GUEST_GUARD_LEN; i++) {
 			if (pre[i] != guard_byte(i)) {
 				if (first && !*first)
@@ -816,6 +833,8 @@ static void tx_queue(struct xn_guest *g, uint32_t s, uint32_t len)
  * tx_reap() - reclaim the tx slots the device has used
  * @g:		guest
  *
+ * Also checks that the device left the (read-only) header alone.
+ *
  * Return: number of used entries reaped.
  */
 static uint32_t tx_reap(struct xn_guest *g)
@@ -836,6 +855,10 @@ static uint32_t tx_reap(struct xn_guest *g)
 		}
 		vq->posted[s] = 0;
 		vq->inflight--;
+		if (memcmp(g->txs[s].hdr, zero_hdr, g->hdr_len)) {
+			g->st.tx_hdr_modified++;
+			memset(g->txs[s].hdr, 0, g->hdr_len);
+		}
 		g->tx_free[g->ntx_free++] = s;
 		g->st.tx_completed++;
 	}
@@ -1002,6 +1025,8 @@ int xn_guest_create(struct xn_guest **out, const struct xn_guest_config *cfg)
 	g->hdr_len = cfg->hdr_len;
 	memcpy(g->regions, cfg->regions, sizeof(g->regions));
 	memcpy(g->mac, cfg->mac, 6);
+	for (b = 0; b < XN_GUEST_GUARD_LEN; b++)
+		g->guard[b] = guard_byte(b);
 	g->as.buf = malloc(SCRATCH_LEN);
 	g->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (!g->as.buf || g->stop_fd < 0) {
@@ -1095,6 +1120,7 @@ int xn_guest_send(struct xn_guest *g, uint32_t count, uint32_t len,
  *
  * Reaps rx (reposting buffers) and tx; if nothing was there and
  * @timeout_ms allows, arms interrupts, sleeps, and makes a second pass.
+ * xn_guest_stop() cuts the sleep short.
  *
  * Return: complete rx frames reaped, or -errno.
  */
@@ -1104,6 +1130,8 @@ int xn_guest_poll(struct xn_guest *g, int timeout_ms, uint32_t flags)
 	uint32_t work;
 	int rc, pass;
 
+	__atomic_store_n(&g->stop, 0, __ATOMIC_RELAXED);
+	drain(g->stop_fd);
 	g->reflect = flags & XN_GUEST_RUN_REFLECT;
 	for (pass = 0; pass < 2; pass++) {
 		work = tx_reap(g);

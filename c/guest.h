@@ -125,6 +125,8 @@ struct xn_guest_stats {
 	uint64_t tx_reflect_drops;      /* rx frames not reflected: no free tx slot */
 	uint64_t tx_no_slot;            /* send attempts that found the tx ring full */
 	uint64_t tx_bad_used;           /* tx used entries naming no slot in flight */
+	uint64_t tx_hdr_modified;       /* completed tx slots whose (device-readable)
+					 * header the backend changed */
 	uint64_t guard_violations;      /* changed guard bytes seen while reaping */
 	uint64_t kicks;                 /* kick eventfd writes, both rings */
 	uint64_t rx_kicks;
@@ -135,7 +137,7 @@ struct xn_guest_stats {
 	uint64_t sleeps;                /* poll() calls that waited */
 	uint64_t passes;                /* loop passes */
 	uint64_t first_violation_gpa;   /* guest address of the first changed guard byte */
-	uint64_t reserved[5];            /* keeps the block at 32 u64 */
+	uint64_t reserved[4];            /* keeps the block at 32 u64 */
 };
 
 /* One reaped rx used entry. */

@@ -302,11 +302,6 @@ int xn_qp_run(struct xn_qp *qp)
 			gauges(qp);
 			continue;
 		}
-		t = now_ns();
-		if (t - qp->last_stats_ns > 100000000ULL) {
-			refresh_stats(qp);
-			qp->last_stats_ns = t;
-		}
 		gauges(qp);
 		/* A few empty passes before sleeping: cheap, and it saves a
 		 * kick + wake-up when the guest is about to post more. */
@@ -316,12 +311,19 @@ int xn_qp_run(struct xn_qp *qp)
 		xn_vq_enable_kick(&qp->tx, true);
 		if (has_work(qp))
 			continue;
+		/* Idle: a good moment to copy the kernel's counters. */
+		t = now_ns();
+		if (t - qp->last_stats_ns > 50000000ULL) {
+			refresh_stats(qp);
+			qp->last_stats_ns = t;
+		}
 		pfd[0] = (struct pollfd){ .fd = xsk_socket__fd(qp->xsk->xsk), .events = POLLIN };
 		pfd[1] = (struct pollfd){ .fd = qp->rx.kick_fd, .events = POLLIN };
 		pfd[2] = (struct pollfd){ .fd = qp->tx.kick_fd, .events = POLLIN };
 		pfd[3] = (struct pollfd){ .fd = qp->stop_fd, .events = POLLIN };
 		/* Frames in flight on tx: completions may need another kick. */
-		timeout = qp->txq_count ? 1 : (int)(qp->cfg.poll_timeout_ms ? qp->cfg.poll_timeout_ms : 1000);
+		/* Wake at least every 250 ms so the kernel counters stay fresh. */
+		timeout = qp->txq_count ? 1 : (int)(qp->cfg.poll_timeout_ms ? qp->cfg.poll_timeout_ms : 250);
 		if (poll(pfd, 4, timeout) < 0 && errno != EINTR)
 			return -errno;
 		qp->ctr->wakeups++;

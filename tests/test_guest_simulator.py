@@ -14,7 +14,6 @@ Two kinds:
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shutil
@@ -29,7 +28,7 @@ import pytest
 
 from xdpnet._native import ffi, lib
 from xdpnet.errors import UsageError
-from xdpnet.guest import (DEFAULT_FEATURES, BackendRefused, GuestConfig, VirtioNetSimulator)
+from xdpnet.guest import DEFAULT_FEATURES, BackendRefused, VirtioNetSimulator
 from xdpnet.guest.simulator import parse_mac
 from xdpnet.vhost import protocol as P
 
@@ -297,10 +296,13 @@ def test_tx_descriptors_and_event_idx_kicks(indirect, separate):
             rc, info = frame_info(data[12:])
             assert rc == 0 and info == (5, seq, 100)
             assert data[12:] == build_frame(100, parse_mac(PEER), sim.mac, 5, seq)
+            if seq == 3:
+                sim.write_guest(chain[0][0] + 2, b"\x01")  # a device writing a read-only header
             dev.push_used(head, 0)
+        dev.push_used(head, 0)                              # the same slot twice
         sim.poll(timeout=0)
         st = sim.stats()
-        assert (st.tx_sent, st.tx_completed, st.tx_bad_used) == (4, 4, 0)
+        assert (st.tx_sent, st.tx_completed, st.tx_bad_used, st.tx_hdr_modified) == (4, 4, 1, 1)
         ntx = 4 if (separate and not indirect) else 8
         assert sim.send(ntx, length=60, dst=PEER) == ntx     # every slot is free again
 
@@ -365,6 +367,47 @@ def test_interrupt_run_from_another_thread():
         t0 = time.monotonic()
         res = sim.run(duration=10.0, tx_count=0)
         assert time.monotonic() - t0 < 2.0 and not res.finished
+
+
+def test_interrupt_wakes_poll_and_close_stops_a_running_thread():
+    sim = offline()
+    threading.Timer(0.2, sim.interrupt_run).start()
+    t0 = time.monotonic()
+    assert sim.poll(timeout=10.0) == 0
+    assert time.monotonic() - t0 < 2.0
+    # a later poll sleeps its whole timeout again (the stop request was consumed)
+    t0 = time.monotonic()
+    sim.poll(timeout=0.3)
+    assert time.monotonic() - t0 >= 0.25
+    # close() while another thread is inside the C loop: it is stopped first
+    t = threading.Thread(target=sim.run, kwargs={"duration": 30.0, "tx_count": 0})
+    t.start()
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    sim.close()
+    t.join(timeout=5)
+    assert not t.is_alive() and time.monotonic() - t0 < 2.0
+
+
+def test_frame_length_is_checked():
+    with offline() as sim:
+        assert sim.max_tx_length() == 2048 - 12
+        for bad in (59, 2048 - 11):
+            with pytest.raises(UsageError):
+                sim.send(1, length=bad, dst=PEER)
+            with pytest.raises(UsageError):
+                sim.run(duration=0.1, tx_count=1, tx_length=bad)
+        assert sim.send(1, length=2048 - 12, dst=PEER) == 1
+    with offline(tx_hdr_separate=True) as sim:
+        assert sim.max_tx_length() == 2048
+
+
+def test_send_times_out_when_the_device_never_completes():
+    with offline() as sim:
+        assert sim.send(8, dst=PEER) == 8                # all tx slots
+        with pytest.raises(TimeoutError):
+            sim.send(1, dst=PEER, timeout=0.2)
+        assert sim.stats().tx_no_slot >= 1
 
 
 # --- DPDK testpmd as the backend --------------------------------------------------
@@ -523,7 +566,7 @@ def test_dpdk_round_trip(testpmd, length, indirect, tx_hdr_separate):
         wait_tx_done(sim)
         st = sim.stats()
         assert (st.rx_frames, st.rx_verified, st.rx_bad, st.rx_short) == (n, n, 0, 0)
-        assert (st.tx_sent, st.tx_completed, st.rx_foreign) == (n, n, 0)
+        assert (st.tx_sent, st.tx_completed, st.rx_foreign, st.tx_hdr_modified) == (n, n, 0, 0)
         assert st.rx_bytes == n * length
         assert check_round_trip(sim, length, 3, range(n)) == min(n, lib.XN_GUEST_TRACE_LEN)
         assert sim.check_guards() == 0 and st.guard_violations == 0
@@ -577,6 +620,7 @@ def test_dpdk_flood_run_sleeps_and_verifies(testpmd):
         assert not res.finished and 0.9 < res.seconds < 2.0
         assert st.tx_sent > 10000 and st.rx_verified > 10000
         assert st.rx_bad == 0 and st.rx_frames == st.rx_verified and st.rx_foreign == 0
+        assert st.tx_hdr_modified == 0 and st.tx_bad_used == 0
         assert sim.check_guards() == 0 and st.guard_violations == 0
         # DPDK busy-polls and never asks for kicks (avail_event stays 0):
         # with EVENT_IDX we kick only when the avail index wraps past it

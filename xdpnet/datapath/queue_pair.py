@@ -65,6 +65,8 @@ class QueuePair:
         cfg.bounce_first = bounce_first
         cfg.bounce_count = bounce_count
         cfg.batch = batch
+        # A ring without a kick fd is polled (vhost-user: bit 8 of SET_VRING_KICK).
+        cfg.poll_timeout_ms = 1 if rx.kick_fd < 0 or tx.kick_fd < 0 else 0
         out = ffi.new("struct xn_qp **")
         err = lib.xn_qp_create(out, cfg, counters.ptr)
         if err:

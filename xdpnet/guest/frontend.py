@@ -81,6 +81,7 @@ class VhostUserFrontend:
         self.path = path
         self.timeout = timeout
         self.reply_ack = False
+        self.reply_fds: list[int] = []      # fds received with replies, not yet claimed
         sock.settimeout(timeout)
 
     @classmethod
@@ -108,10 +109,12 @@ class VhostUserFrontend:
             time.sleep(0.02)
 
     def close(self) -> None:
-        """Close the socket (idempotent)."""
+        """Close the socket and any unclaimed received fds (idempotent)."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        while self.reply_fds:
+            os.close(self.reply_fds.pop())
 
     # --- raw I/O -----------------------------------------------------
 
@@ -124,8 +127,8 @@ class VhostUserFrontend:
             if len(fds) > P.MAX_FDS:
                 raise ValueError(f"{len(fds)} fds in one message (at most {P.MAX_FDS})")
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        log.debug("-> %s flags=%#x size=%d fds=%s", P.request_name(request),
-                  P.VERSION | flags, len(payload), list(fds))
+        log.debug("-> %s flags=%#x size=%d fds=%s payload=%s", P.request_name(request),
+                  P.VERSION | flags, len(payload), list(fds), payload[:80].hex())
         try:
             sent = self.sock.sendmsg([msg], anc)
         except (BrokenPipeError, ConnectionResetError) as e:
@@ -134,10 +137,18 @@ class VhostUserFrontend:
             raise FrontendError(f"short send of {P.request_name(request)}: {sent}/{len(msg)} bytes")
 
     def _recv_exact(self, n: int, what: str) -> bytes:
+        """Read exactly ``n`` bytes; file descriptors that come with them
+        (SCM_RIGHTS) are appended to :attr:`reply_fds`, owned by the caller."""
         buf = bytearray()
         while len(buf) < n:
             try:
-                chunk = self.sock.recv(n - len(buf))
+                chunk, anc, _, _ = self.sock.recvmsg(n - len(buf),
+                                                     socket.CMSG_SPACE(P.MAX_FDS * 4))
+                for level, kind, data in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds = array.array("i")
+                        fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+                        self.reply_fds.extend(fds)
             except socket.timeout as e:
                 raise FrontendError(f"no reply to {what} within {self.timeout:.1f}s") from e
             except ConnectionResetError as e:
@@ -157,13 +168,13 @@ class VhostUserFrontend:
         if hdr.size > P.MAX_PAYLOAD:
             raise ProtocolViolation(f"reply to {name} claims {hdr.size} payload bytes")
         payload = self._recv_exact(hdr.size, f"the payload of the reply to {name}") if hdr.size else b""
-        log.debug("<- %s size=%d", name, hdr.size)
+        log.debug("<- %s flags=%#x size=%d payload=%s", name, hdr.flags, hdr.size, payload[:80].hex())
         return payload
 
     # --- requests ----------------------------------------------------
 
     def send(self, request: int, payload: bytes = b"", fds: Sequence[int] = (),
-                need_reply: bool | None = None) -> bytes | None:
+             need_reply: bool | None = None) -> bytes | None:
         """Send one request and read what the protocol says comes back.
 
         ``need_reply`` None means "if REPLY_ACK is negotiated"; it is ignored

@@ -95,7 +95,9 @@ class GuestConfig:
     indirect: bool = False              # rx buffers and tx frames via indirect tables
     rx_chain: bool = False              # rx buffers as 2-descriptor chains
     tx_hdr_separate: bool = False       # tx header in its own descriptor
-    features: int | None = None         # force SET_FEATURES (default: ours & offered)
+    features: int | None = None         # force SET_FEATURES (default: ours & offered);
+                                        # the layout options still apply, negotiated or
+                                        # not (indirect without INDIRECT_DESC: negative tests)
     ring_base: int = 0                  # first avail/used index (SET_VRING_BASE)
 
     def validate(self) -> None:
@@ -465,7 +467,10 @@ class VirtioNetSimulator:
             self.frontend.close()
             self.frontend = None
         for pair in self.pairs:
-            pair.close()
+            if pair.g is not None and pair.lock.locked():
+                lib.xn_guest_stop(pair.g)           # a run or poll on another thread
+            with pair.lock:
+                pair.close()
         self.pairs = []
         if self.memory is not None:
             self.memory.close()
@@ -584,6 +589,16 @@ class VirtioNetSimulator:
             raise UsageError(f"no queue pair {pair} (have {len(self.pairs)}): start() first?")
         return self.pairs[pair]
 
+    def max_tx_length(self) -> int:
+        """Largest frame a tx slot holds."""
+        tx = self.config.tx_buf_size
+        return tx if self.config.tx_hdr_separate else tx - self.hdr_len
+
+    def _check_length(self, length: int) -> None:
+        if not lib.XN_FRAME_MIN_LEN <= length <= self.max_tx_length():
+            raise UsageError(f"frame length {length}: must be {lib.XN_FRAME_MIN_LEN}.."
+                             f"{self.max_tx_length()} (tx_buf_size {self.config.tx_buf_size})")
+
     def send(self, count: int, length: int = 64, dst: str | bytes = DEFAULT_DST, flow: int = 0,
              pair: int = 0, timeout: float = 1.0) -> int:
         """Build and post ``count`` frames of ``length`` bytes on the tx ring
@@ -591,6 +606,7 @@ class VirtioNetSimulator:
         ``timeout`` seconds.  Returns ``count``; :class:`TimeoutError` if the
         backend did not free slots in time."""
         p = self._pair(pair)
+        self._check_length(length)
         d = ffi.new("uint8_t[6]", parse_mac(dst))
         deadline = time.monotonic() + timeout
         done = 0
@@ -632,6 +648,8 @@ class VirtioNetSimulator:
         if pair is None:
             return self._run_all(duration, tx_count, tx_length, dst, reflect, rx_count, flow, busy_poll)
         p = self._pair(pair)
+        if tx_count != 0:
+            self._check_length(tx_length)
         d = ffi.new("uint8_t[6]", parse_mac(dst))
         txc = lib.XN_GUEST_UNLIMITED if tx_count is None else int(tx_count)
         flags = lib.XN_GUEST_RUN_REFLECT if reflect else 0
