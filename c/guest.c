@@ -330,7 +330,7 @@ static int rx_setup(struct xn_guest *g, const struct xn_guest_config *cfg)
 				 VRING_DESC_F_INDIRECT, 0);
 			for (s = 0; s < g->rx_nseg; s++)
 				set_desc(&d[s], x->gpa[s], x->len[s], VRING_DESC_F_WRITE |
-					 (s + 1 < g->rx_nseg ? VRING_DESC_F_NEXT : 0), s + 1);
+					 (s + 1 < g->rx_nseg ? VRING_DESC_F_NEXT : 0), (uint16_t)(s + 1));
 		} else {
 			d = &g->rx.desc[x->head];
 			for (s = 0; s < g->rx_nseg; s++)
