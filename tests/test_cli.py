@@ -48,19 +48,26 @@ def bed():
 
 # ---- help and usage ------------------------------------------------------
 
-@pytest.mark.parametrize("args", [("--help",), ("serve", "--help"), ("demo", "--help")])
-def test_help_shows_examples_and_exit_codes(args):
-    r = run_xdpnet(*args)
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_command_help_shows_examples_and_exit_codes(command):
+    r = run_xdpnet(command, "--help")
     assert r.returncode == 0, r.stderr
-    assert "examples:" in r.stdout or "Run 'xdpnet COMMAND --help'" in r.stdout
+    assert "examples:" in r.stdout, r.stdout
+    assert f"xdpnet {command} " in r.stdout.split("examples:", 1)[1]
     assert "exit status:" in r.stdout
-    if args[0] != "--help":
-        assert f"xdpnet {args[0]} " in r.stdout.split("examples:", 1)[1]
 
 
-def test_top_level_help_lists_commands():
+def test_top_level_help_lists_commands_and_exit_codes():
     r = run_xdpnet("--help")
+    assert r.returncode == 0, r.stderr
     assert "serve" in r.stdout and "demo" in r.stdout
+    assert "exit status:" in r.stdout
+
+
+def test_top_level_help_shows_examples():
+    r = run_xdpnet("--help")
+    assert "examples:" in r.stdout
+    assert "xdpnet serve " in r.stdout.split("examples:", 1)[1]
 
 
 def test_no_command_exits_2():
@@ -96,6 +103,34 @@ def test_serve_bad_input_exits_2_with_one_line(bed, tmp_path, case):
     assert r.stderr.strip().count("\n") == 0, r.stderr      # that line and nothing else
     assert not os.path.exists(sock)
     assert not has_xdp(bed.nic)
+
+
+@root_only
+@pytest.mark.parametrize("max_frame", ["0", "100000"])
+def test_serve_bad_max_frame_exits_2(bed, tmp_path, max_frame):
+    sock = str(tmp_path / "vm.sock")
+    r = run_xdpnet("serve", "--iface", bed.nic, "--queue", "0", "--mac", MAC, "--socket", sock,
+                   "--max-frame", max_frame)
+    assert not os.path.exists(sock) and not has_xdp(bed.nic)
+    assert_one_error(r, EXIT_USAGE, "max frame")
+
+
+@root_only
+@pytest.mark.parametrize("where", ["missing-dir", "regular-file", "unknown-group"])
+def test_serve_unusable_socket_path_exits_2_and_detaches(bed, tmp_path, where):
+    regular = tmp_path / "regular"
+    regular.write_text("keep me")
+    sock = str(tmp_path / "nodir" / "vm.sock") if where == "missing-dir" else str(regular)
+    extra, word = (), sock
+    if where == "unknown-group":
+        sock, extra, word = str(tmp_path / "vm.sock"), ("--group", "nosuchgrp"), "nosuchgrp"
+    r = run_xdpnet("serve", "--iface", bed.nic, "--queue", "0", "--mac", MAC, "--socket", sock,
+                   *extra)
+    assert_one_error(r, EXIT_USAGE, word)
+    if where == "unknown-group":
+        assert not os.path.exists(sock)
+    assert not has_xdp(bed.nic), "XDP program left attached after the socket failed"
+    assert regular.read_text() == "keep me"
 
 
 @root_only
@@ -226,8 +261,12 @@ def test_serve_refuses_legacy_frontend_and_keeps_serving(bed, tmp_path):
             with pytest.raises((VhostError, OSError)):
                 vm.connect(timeout=10)
                 vm.start()
-        assert _wait_for(lambda: "legacy" in srv.stderr_text()), srv.stderr_text()
-        lines = [ln for ln in srv.stderr_text().splitlines() if "legacy" in ln.lower()]
+        def legacy_lines() -> list[str]:      # (the socket path names this test: not counted)
+            return [ln for ln in srv.stderr_text().replace(str(tmp_path), "").splitlines()
+                    if "legacy" in ln.lower()]
+
+        assert _wait_for(legacy_lines), srv.stderr_text()
+        lines = legacy_lines()
         assert len(lines) == 1, srv.stderr_text()
         assert srv.returncode is None, srv.stderr_text()
         _normal_vm_works(bed, sock)
@@ -269,7 +308,7 @@ def test_serve_refuses_ring_outside_memory_table_and_keeps_serving(bed, tmp_path
                 fe.get_u64(R.GET_FEATURES)      # a refusal without REPLY_ACK: connection closed
 
         def refusal_lines() -> list[str]:
-            return [ln for ln in srv.stderr_text().splitlines()
+            return [ln for ln in srv.stderr_text().replace(str(tmp_path), "").splitlines()
                     if f"vring {pair.rx_vq}" in ln and "memory table" in ln]
 
         assert _wait_for(lambda: refusal_lines()), srv.stderr_text()
@@ -278,5 +317,40 @@ def test_serve_refuses_ring_outside_memory_table_and_keeps_serving(bed, tmp_path
         assert srv.returncode is None, srv.stderr_text()
         _normal_vm_works(bed, sock)
         assert srv.returncode is None, srv.stderr_text()
+    assert srv.returncode == 0, srv.stderr_text()
+    assert not has_xdp(bed.nic)
+
+
+@root_only
+def test_serve_refuses_new_memory_table_not_covering_running_rings(bed, tmp_path):
+    """A running frontend sends a new SET_MEM_TABLE whose frontend addresses no longer
+    cover its rings: refused with one line naming the vring; the next frontend works."""
+    import dataclasses
+
+    from xdpnet.errors import VhostError
+    from xdpnet.guest.simulator import VirtioNetSimulator
+    from xdpnet.vhost import protocol as P
+
+    sock = str(tmp_path / "vm.sock")
+    with ServeProcess(bed.nic, sock, mac=MAC) as srv:
+        srv.wait_ready()
+        with VirtioNetSimulator(sock, mac=MAC, queue_size=256) as vm:
+            vm.connect(timeout=10)
+            vm.start()
+            moved = [dataclasses.replace(r, user_addr=r.user_addr + (1 << 30))
+                     for r in vm.memory.table()]
+            with pytest.raises((VhostError, OSError)):
+                vm.request(P.Request.SET_MEM_TABLE, P.pack_mem_table(moved),
+                           [vm.memory.fd] * len(moved))
+                vm.frontend.get_u64(P.Request.GET_FEATURES)
+
+        def refusal_lines() -> list[str]:
+            return [ln for ln in srv.stderr_text().replace(str(tmp_path), "").splitlines()
+                    if "SET_MEM_TABLE" in ln and "vring" in ln and "memory table" in ln]
+
+        assert _wait_for(refusal_lines), srv.stderr_text()
+        assert len(refusal_lines()) == 1, srv.stderr_text()
+        assert srv.returncode is None, srv.stderr_text()
+        _normal_vm_works(bed, sock)
     assert srv.returncode == 0, srv.stderr_text()
     assert not has_xdp(bed.nic)

@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xdpnet",
         description="Copy-free virtio-net for VMs: a vhost-user backend served by AF_XDP "
                     "sockets whose UMEM is the guest's own memory.",
-        epilog="Run 'xdpnet COMMAND --help' for a command's options.\n\n" + EXIT_CODES,
+        epilog="examples:\n"
+               "  xdpnet demo                       # the end-to-end demo on a veth NIC\n"
+               "  xdpnet serve --iface eth1 --queue 0 --mac 52:54:00:12:34:56 --socket /run/vm1.sock\n\n"
+               "Run 'xdpnet COMMAND --help' for a command's options.\n\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"xdpnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from xdpnet.errors import MemoryTableError, XdpnetError
+from xdpnet.errors import MemoryTableError, UsageError
 from xdpnet.memory.regions import GuestRegion, check_table
 from xdpnet.vhost.protocol import MemRegion
 
@@ -45,7 +45,7 @@ class FrameGeometry:
 
     def __post_init__(self) -> None:
         if self.max_frame < 60 or self.headroom < 0:
-            raise XdpnetError(f"max frame {self.max_frame} does not fit a "
+            raise UsageError(f"max frame {self.max_frame} does not fit a "
                               f"{self.chunk_size}-byte chunk with 256 bytes of XDP headroom")
 
     @property
