@@ -14,52 +14,13 @@
 
 #include "xdpnet.h"
 
-/* --- virtio split ring layout (virtio 1.x, 2.7) ------------------------ */
+/* The split ring layout, flags and event-index test come from the kernel's
+ * uapi headers (virtio 1.x is little-endian, like the hosts we run on). */
+#include <linux/virtio_net.h>
+#include <linux/virtio_ring.h>
 
-#define VRING_DESC_F_NEXT 1
-#define VRING_DESC_F_WRITE 2
-#define VRING_DESC_F_INDIRECT 4
-#define VRING_AVAIL_F_NO_INTERRUPT 1
-#define VRING_USED_F_NO_NOTIFY 1
-
-#define VIRTIO_NET_F_MRG_RXBUF 15
-#define VIRTIO_RING_F_INDIRECT_DESC 28
-#define VIRTIO_RING_F_EVENT_IDX 29
-
-struct vring_desc {
-	uint64_t addr;
-	uint32_t len;
-	uint16_t flags;
-	uint16_t next;
-};
-
-struct vring_avail {
-	uint16_t flags;
-	uint16_t idx;
-	uint16_t ring[];        /* num entries, then used_event */
-};
-
-struct vring_used_elem {
-	uint32_t id;
-	uint32_t len;
-};
-
-struct vring_used {
-	uint16_t flags;
-	uint16_t idx;
-	struct vring_used_elem ring[];  /* num entries, then avail_event */
-};
-
-/* struct virtio_net_hdr_v1 */
-struct virtio_net_hdr_v1 {
-	uint8_t flags;
-	uint8_t gso_type;
-	uint16_t hdr_len;
-	uint16_t gso_size;
-	uint16_t csum_start;
-	uint16_t csum_offset;
-	uint16_t num_buffers;
-};
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "virtio 1.x is little-endian");
+_Static_assert(sizeof(struct virtio_net_hdr_v1) == XN_VNET_HDR_LEN, "virtio_net_hdr_v1 layout");
 
 /* --- UMEM and XSK -------------------------------------------------------- */
 

@@ -275,16 +275,6 @@ void xn_vq_used_publish(struct xn_vq *vq)
 }
 
 /**
- * need_event() - the virtio event-index test (virtio 1.x, 2.7.10)
- *
- * Return: true if moving from @old to @new_idx crossed @event.
- */
-static inline bool need_event(uint16_t event, uint16_t new_idx, uint16_t old)
-{
-	return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
-}
-
-/**
  * xn_vq_notify() - signal the guest for the used entries published since
  * the last signal, if it asked for it (EVENT_IDX used_event or the
  * NO_INTERRUPT flag)
@@ -301,7 +291,7 @@ void xn_vq_notify(struct xn_vq *vq)
 	if (vq->event_idx) {
 		uint16_t event = __atomic_load_n(vq->used_event, __ATOMIC_RELAXED);
 
-		notify = !vq->signalled_valid || need_event(event, new_idx, old);
+		notify = !vq->signalled_valid || vring_need_event(event, new_idx, old);
 		if (old == new_idx && vq->signalled_valid)
 			notify = false;
 	} else {
