@@ -25,8 +25,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import tempfile
-import threading
 import time
 
 import pytest
@@ -188,30 +186,15 @@ def test_testpmd_against_serve_subprocess(bed, tmp_path):
 def test_testpmd_in_process_backend_is_copy_free(bed, tmp_path):
     """Same flow through an in-process backend (the code ``serve`` runs), with counters:
     every frame DPDK received was written by the kernel straight into its mbufs."""
-    from xdpnet.backend import BackendConfig, NetBackend
-    from xdpnet.datapath.xsk import probe_zerocopy
-    from xdpnet.memory.umem import FrameGeometry
-    from xdpnet.steering.xdp import MacSteering
-    from xdpnet.vhost.server import VhostUserServer
+    from xdpnet.attachment import Attachment
 
     sock = str(tmp_path / "vm.sock")
-    stop = threading.Event()
-    with contextlib.ExitStack() as stack:
-        geometry = FrameGeometry()
-        steering = stack.enter_context(MacSteering(bed.nic, mode="auto"))
-        steering.add_vm(0, MAC, geometry.max_frame)
-        backend = NetBackend(BackendConfig(bed.nic, (0,), probe_zerocopy(bed.nic, 0), geometry),
-                             steering)
-        stack.callback(backend.close)
-        server = VhostUserServer(sock, backend)
-        stack.callback(server.close)
-        srv = threading.Thread(target=server.serve_forever, args=(stop,), daemon=True)
-        srv.start()
-        stack.callback(srv.join, 10)
-        stack.callback(stop.set)
+    with Attachment(bed.nic, MAC, sock) as att:
+        att.start()
+        srv = att._thread
         with run_testpmd(sock, MAC, str(tmp_path)) as proc:
             _traffic(bed, proc)
-            snap = backend.counters[0].snapshot()
+            snap = att.counters()
         print("in-process backend counters:", snap)
         assert snap["rx_frames"] >= COUNT * len(SIZES)
         assert snap["tx_frames"] >= COUNT * len(SIZES)

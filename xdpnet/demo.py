@@ -29,14 +29,10 @@ from rich.live import Live
 from rich.table import Table
 
 from xdpnet import privilege
-from xdpnet.backend import BackendConfig, NetBackend
-from xdpnet.datapath.xsk import probe_zerocopy
+from xdpnet.attachment import Attachment
 from xdpnet.guest.simulator import VirtioNetSimulator
-from xdpnet.memory.umem import FrameGeometry
 from xdpnet.net.netns import Testbed
 from xdpnet.stats import drops, summary
-from xdpnet.steering.xdp import MacSteering
-from xdpnet.vhost.server import VhostUserServer
 from xdpnet.wire import WirePeer
 
 VM_MAC = "52:54:00:12:34:56"
@@ -91,33 +87,21 @@ def run(opts: DemoOptions) -> int:
     privilege.require("xdpnet demo")
     console = Console(stderr=opts.json)
     state = DemoState()
-    stop = threading.Event()
     prev_handler = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         with contextlib.ExitStack() as stack:
             bed = stack.enter_context(Testbed(queues=1, prefix="xd"))
-            geometry = FrameGeometry()
-            steering = stack.enter_context(MacSteering(bed.nic, mode="auto"))
-            steering.add_vm(0, VM_MAC, geometry.max_frame)
-            zc = probe_zerocopy(bed.nic, 0)
-            backend = NetBackend(BackendConfig(bed.nic, (0,), zc, geometry), steering)
-            stack.callback(backend.close)
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="xdpnet-demo-"))
-            sock = os.path.join(tmp, "vm.sock")
-            server = VhostUserServer(sock, backend)
-            stack.callback(server.close)
-            srv = threading.Thread(target=server.serve_forever, args=(stop,), daemon=True)
-            srv.start()
-            stack.callback(srv.join, 5)
-            stack.callback(stop.set)
-            vm = stack.enter_context(VirtioNetSimulator(sock, mac=VM_MAC, queue_size=256))
+            att = stack.enter_context(Attachment(bed.nic, VM_MAC, os.path.join(tmp, "vm.sock")))
+            att.start()
+            steering, snapshot = att.steering, att.counters
+            # 1024-entry rings, as `xdpnet serve` recommends for QEMU.
+            vm = stack.enter_context(VirtioNetSimulator(att.socket_path, mac=VM_MAC,
+                                                        queue_size=1024))
             vm.connect()
             vm.start()
             wire = stack.enter_context(WirePeer(bed, peer_mac=VM_MAC))
-            xsk_mode = "zero-copy" if zc else "copy"
-
-            def snapshot() -> dict[str, int]:
-                return backend.counters[0].snapshot()
+            xsk_mode = "zero-copy" if att.zerocopy else "copy"
 
             phases = threading.Thread(target=_phases, args=(opts, state, vm, wire), daemon=True)
             phases.start()

@@ -9,7 +9,6 @@ SIGINT/SIGTERM.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import sys
@@ -17,14 +16,13 @@ import threading
 from dataclasses import dataclass
 
 from xdpnet import privilege
-from xdpnet.backend import BackendConfig, NetBackend
+from xdpnet.attachment import Attachment
+from xdpnet.backend import NetBackend
 from xdpnet.datapath.xsk import probe_zerocopy
 from xdpnet.errors import UsageError
 from xdpnet.memory.umem import FrameGeometry
 from xdpnet.net.device import NetDevice
 from xdpnet.net.mac import format_mac, parse_mac
-from xdpnet.steering.xdp import MacSteering
-from xdpnet.vhost.server import VhostUserServer
 
 log = logging.getLogger("xdpnet.serve")
 
@@ -104,27 +102,22 @@ def run(opts: ServeOptions, ready: threading.Event | None = None,
         stop: threading.Event | None = None) -> int:
     """Serve until SIGINT/SIGTERM (or ``stop``); returns the exit status."""
     geometry, zc = prepare(opts)
-    stop = stop or threading.Event()
-    with contextlib.ExitStack() as stack:
-        steering = MacSteering(opts.iface, mode=opts.xdp_mode)
-        stack.callback(steering.detach)
-        steering.add_vm(0, opts.mac, geometry.max_frame)
-        backend = NetBackend(BackendConfig(opts.iface, opts.queues, zc, geometry), steering)
-        stack.callback(backend.close)
-        server = VhostUserServer(opts.socket, backend, group=opts.socket_group)
-        stack.callback(server.close)
+    with Attachment(opts.iface, opts.mac, opts.socket, queues=opts.queues, geometry=geometry,
+                    xdp_mode=opts.xdp_mode, zerocopy=zc, socket_group=opts.socket_group,
+                    stop_event=stop) as att:
         print("QEMU options for this VM:\n  " + " ".join(qemu_args(opts)), flush=True)
         log.info("serving %s queue(s) %s for %s on %s (XDP %s)", opts.iface,
                  ",".join(map(str, opts.queues)), format_mac(parse_mac(opts.mac)),
-                 opts.socket, steering.xdp_mode)
+                 opts.socket, att.steering.xdp_mode)
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stop.set())
-        watcher = threading.Thread(target=_watch_broken, args=(backend, stop), daemon=True)
+                signal.signal(sig, lambda *_: att.stop_event.set())
+        watcher = threading.Thread(target=_watch_broken, args=(att.backend, att.stop_event),
+                                   daemon=True)
         watcher.start()
         if ready is not None:
             ready.set()
-        server.serve_forever(stop)
+        att.serve_forever()
     return 0
 
 

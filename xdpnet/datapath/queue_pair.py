@@ -10,6 +10,7 @@ back (``quiesce``).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -22,6 +23,7 @@ from xdpnet.errors import XdpnetError
 from xdpnet.memory.umem import GuestMemory
 
 log = logging.getLogger("xdpnet.datapath")
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,14 @@ class QueuePair:
                                         daemon=True)
         self._thread.start()
 
+    @property
+    def native_id(self) -> int | None:
+        """Kernel thread id of the datapath thread (for affinity, /proc stats)."""
+        return self._thread.native_id if self._thread is not None else None
+
     def _run(self) -> None:
+        # Name the OS thread too, so top/ps/perf show which pair it is.
+        _libc.prctl(15, f"xdpnet-qp{self.index}".encode()[:15], 0, 0, 0)   # PR_SET_NAME
         err = lib.xn_qp_run(self.ptr)       # GIL released for the whole run
         if err:
             self.error = -err
