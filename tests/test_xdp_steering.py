@@ -29,7 +29,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
@@ -37,6 +36,7 @@ import pytest
 
 from xdpnet.errors import BusyError, DependencyError, UsageError, XdpnetError
 from xdpnet.net.mac import parse_mac
+from xdpnet.net.netns import Testbed, run_in_netns, socket_in_netns
 from xdpnet.steering import kheaders
 from xdpnet.steering.xdp import MacSteering, attached_prog_ids
 
@@ -63,45 +63,29 @@ def sh(*cmd: str, check: bool = True) -> str:
 # ---------------------------------------------------------------- topology
 
 class Link:
-    """veth pair: ``nic`` in the root namespace, ``peer`` in ``ns``."""
+    """A test bed (``nic`` in the root namespace, ``peer`` in ``ns``) with an
+    AF_PACKET sender on the peer and a listener on the NIC."""
 
     def __init__(self):
-        tag = uuid.uuid4().hex[:8]
-        self.ns = f"xtns{tag}"
-        self.nic = f"xt{tag}n"
-        self.peer = f"xt{tag}p"
-        self.tag = bytes.fromhex(tag)       # marks this link's frames
+        self.tag = uuid.uuid4().bytes[:4]   # marks this link's frames
         self.seq = 0
 
     def create(self):
-        sh("ip", "netns", "add", self.ns)
-        sh("ip", "link", "add", self.nic, "numrxqueues", "1", "numtxqueues", "1",
-           "type", "veth", "peer", "name", self.peer, "numrxqueues", "1",
-           "numtxqueues", "1", "netns", self.ns)
-        with open(f"/proc/sys/net/ipv6/conf/{self.nic}/disable_ipv6", "w") as f:
-            f.write("1")
-        sh("ip", "netns", "exec", self.ns, "sysctl", "-qw",
-           f"net.ipv6.conf.{self.peer}.disable_ipv6=1")
-        sh("ip", "-n", self.ns, "link", "set", self.peer, "address", PEER_MAC)
-        sh("ip", "netns", "exec", self.ns, "ethtool", "-K", self.peer, "tx", "off")
-        sh("ip", "link", "set", self.nic, "up")
-        sh("ip", "-n", self.ns, "link", "set", self.peer, "up")
-        self.tx = in_netns(self.ns, lambda: self._tx_socket())
+        self.bed = Testbed(queues=1, prefix="xt")
+        self.ns, self.nic, self.peer = self.bed.netns, self.bed.nic, self.bed.wire
+        run_in_netns(self.ns, ["ip", "link", "set", self.peer, "address", PEER_MAC], check=True)
+        self.tx = socket_in_netns(self.ns, socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self.tx.bind((self.peer, 0))
         self.rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self.rx.bind((self.nic, 0))
         self.rx.setblocking(False)
-
-    def _tx_socket(self):
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-        s.bind((self.peer, 0))
-        return s
 
     def destroy(self):
         for s in ("tx", "rx"):
             if hasattr(self, s):
                 getattr(self, s).close()
-        sh("ip", "link", "del", self.nic, check=False)
-        sh("ip", "netns", "del", self.ns, check=False)
+        if hasattr(self, "bed"):
+            self.bed.close()
 
     # frames: dst, src, ethertype, link tag (4), seq (4), pattern
     def frame(self, dst: str, length: int = 100) -> bytes:
@@ -148,29 +132,6 @@ class Link:
     def xdp_shown(self) -> bool:
         out = sh("ip", "-d", "link", "show", "dev", self.nic)
         return bool(re.search(r"\bxdp(generic|drv|offload)?\b|prog/xdp", out))
-
-
-def in_netns(ns: str, fn):
-    """Run *fn* on a thread that entered network namespace *ns*."""
-    box = {}
-
-    def run():
-        libc = ct.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, 0x40000000) != 0:        # CLONE_NEWNET
-                raise OSError(ct.get_errno(), "setns")
-            box["v"] = fn()
-        except BaseException as e:                      # noqa: BLE001
-            box["e"] = e
-        finally:
-            os.close(fd)
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "e" in box:
-        raise box["e"]
-    return box["v"]
 
 
 @pytest.fixture
