@@ -103,6 +103,34 @@ def _share_netns_dir() -> None:
                 f"share {NETNS_DIR}")
 
 
+def _on_netns_thread(enter: Callable[[], None], fn: Callable[..., Any], *args: Any,
+                     name: str = "netns", **kwargs: Any) -> Any:
+    """Run ``enter()`` then ``fn(*args, **kwargs)`` on a short-lived thread that
+    returns to its original network namespace before it ends; the calling
+    thread never changes namespace.  Returns fn's result, raises its error."""
+    outcome: dict[str, Any] = {}
+
+    def body() -> None:
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            enter()
+            try:
+                outcome["value"] = fn(*args, **kwargs)
+            finally:
+                _setns(own)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = e
+        finally:
+            os.close(own)
+
+    t = threading.Thread(target=body, name=name, daemon=True)
+    t.start()
+    t.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
 def create_netns(name: str) -> None:
     """Create the named network namespace *name* (``ip netns add``), without forking.
 
@@ -116,31 +144,18 @@ def create_netns(name: str) -> None:
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
     except FileExistsError:
         raise UsageError(f"network namespace '{name}' already exists") from None
-    outcome: dict[str, BaseException] = {}
-
-    def body() -> None:
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _libc_check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
-            try:
-                _libc_check(_libc.mount(b"/proc/thread-self/ns/net", path.encode(), b"none",
-                                        MS_BIND, None), f"bind-mount {path}")
-            finally:
-                _setns(own)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            outcome["error"] = e
-        finally:
-            os.close(own)
-
-    t = threading.Thread(target=body, name=f"netns-add-{name}", daemon=True)
-    t.start()
-    t.join()
-    if "error" in outcome:
+    try:
+        _on_netns_thread(lambda: _libc_check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)"),
+                         lambda: _libc_check(_libc.mount(b"/proc/thread-self/ns/net", path.encode(),
+                                                         b"none", MS_BIND, None),
+                                             f"bind-mount {path}"),
+                         name=f"netns-add-{name}")
+    except BaseException:
         try:
             os.unlink(path)
         except OSError:
             pass
-        raise outcome["error"]
+        raise
 
 
 def remove_netns(name: str) -> bool:
@@ -175,30 +190,11 @@ def call_in_netns(netns: str | None, fn: Callable[..., Any], *args: Any, **kwarg
         target = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise UsageError(f"network namespace '{netns}' not found") from None
-    outcome: dict[str, Any] = {}
-
-    def body() -> None:
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(target)
-            try:
-                outcome["value"] = fn(*args, **kwargs)
-            finally:
-                _setns(own)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            outcome["error"] = e
-        finally:
-            os.close(own)
-
     try:
-        t = threading.Thread(target=body, name=f"netns-{netns}", daemon=True)
-        t.start()
-        t.join()
+        return _on_netns_thread(lambda: _setns(target), fn, *args, name=f"netns-{netns}",
+                                **kwargs)
     finally:
         os.close(target)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
 
 
 def socket_in_netns(netns: str | None, family: int, type: int, proto: int = 0) -> socket.socket:
