@@ -232,14 +232,10 @@ static void gauges(struct xn_qp *qp)
 	struct xn_counters *c = qp->ctr;
 	struct xn_xsk *x = qp->xsk;
 
-	if (x) {
-		c->fill_ring_used = (uint32_t)(*x->fill.producer - *x->fill.consumer);
-		c->rx_ring_used = (uint32_t)(*x->rx.producer - *x->rx.consumer);
-	} else {
-		c->fill_ring_used = 0;
-		c->rx_ring_used = 0;
-	}
-	c->tx_ring_used = qp->txq_count;
+	/* Ring occupancy as the kernel sees it (0 once the socket is gone). */
+	c->fill_ring_used = x ? (uint32_t)(*x->fill.producer - *x->fill.consumer) : 0;
+	c->rx_ring_used = x ? (uint32_t)(*x->rx.producer - *x->rx.consumer) : 0;
+	c->tx_ring_used = x ? (uint32_t)(*x->tx.producer - *x->tx.consumer) : 0;
 	c->rx_inflight = qp->rxmap.count + qp->slow_count;
 	c->tx_inflight = qp->txq_count;
 	c->rx_used_idx = qp->rx.used_idx;

@@ -115,7 +115,7 @@ struct xn_counters {
 	uint64_t tx_syscalls;           /* sendto() wake-ups of the kernel tx path */
 	uint64_t fill_ring_used;        /* gauge: entries we posted the kernel has not consumed */
 	uint64_t rx_ring_used;          /* gauge: rx ring entries waiting */
-	uint64_t tx_ring_used;          /* gauge: tx ring entries the kernel has not completed */
+	uint64_t tx_ring_used;          /* gauge: tx ring entries the kernel has not taken */
 	uint64_t rx_inflight;           /* gauge: guest rx buffers held by the backend */
 	uint64_t tx_inflight;           /* gauge: guest tx chains held by the backend */
 	uint64_t rx_used_idx;           /* gauge: used index of the rx ring */

@@ -32,7 +32,7 @@ from xdpnet import privilege
 from xdpnet.attachment import Attachment
 from xdpnet.guest.simulator import VirtioNetSimulator
 from xdpnet.net.netns import Testbed
-from xdpnet.stats import drops, summary
+from xdpnet.stats import Rate, drops, summary
 from xdpnet.wire import WirePeer
 
 VM_MAC = "52:54:00:12:34:56"
@@ -59,7 +59,7 @@ class DemoState:
     vm_to_wire_sent: int = 0
 
 
-def build_table(state: DemoState, snap: dict[str, int], rate: dict[str, float],
+def build_table(state: DemoState, snap: dict[str, int], rate: dict[str, Rate],
                 xdp_mode: str, xsk_mode: str) -> Table:
     """The live table: one snapshot of the counters in, a rich Table out."""
     t = Table(title=f"xdpnet demo — {state.phase} — XDP {xdp_mode}, AF_XDP {xsk_mode}, "
@@ -68,7 +68,8 @@ def build_table(state: DemoState, snap: dict[str, int], rate: dict[str, float],
     t.add_column("rx (wire→VM)", justify="right")
     t.add_column("tx (VM→wire)", justify="right")
     t.add_row("frames", f"{snap['rx_frames']:,}", f"{snap['tx_frames']:,}")
-    t.add_row("frames/s", f"{rate['rx']:,.0f}", f"{rate['tx']:,.0f}")
+    t.add_row("frames/s", f"{rate['rx'].fps:,.0f}", f"{rate['tx'].fps:,.0f}")
+    t.add_row("Gbit/s", f"{rate['rx'].bps / 1e9:.2f}", f"{rate['tx'].bps / 1e9:.2f}")
     t.add_row("zero-copy frames", f"{snap['rx_zero_copy_frames']:,}",
               f"{snap['tx_zero_copy_frames']:,}")
     t.add_row("copied bytes (userspace)", f"{snap['rx_copied_bytes']:,}",
@@ -106,7 +107,7 @@ def run(opts: DemoOptions) -> int:
             phases = threading.Thread(target=_phases, args=(opts, state, vm, wire), daemon=True)
             phases.start()
             last, t_last = snapshot(), time.monotonic()
-            rate = {"rx": 0.0, "tx": 0.0}
+            rate = {"rx": Rate(), "tx": Rate()}
             live = Live(build_table(state, last, rate, steering.xdp_mode, xsk_mode),
                         console=console, refresh_per_second=4, transient=False) \
                 if not opts.json else None
@@ -114,9 +115,7 @@ def run(opts: DemoOptions) -> int:
                 while phases.is_alive():
                     phases.join(0.25)
                     now, snap = time.monotonic(), snapshot()
-                    dt = now - t_last
-                    rate = {"rx": (snap["rx_frames"] - last["rx_frames"]) / dt,
-                            "tx": (snap["tx_frames"] - last["tx_frames"]) / dt}
+                    rate = {d: Rate.between(last, snap, d, now - t_last) for d in ("rx", "tx")}
                     last, t_last = snap, now
                     if live:
                         live.update(build_table(state, snap, rate, steering.xdp_mode, xsk_mode))

@@ -173,18 +173,18 @@ class GuestMemory:
 
     def uva_to_off(self, uva: int, size: int) -> int | None:
         """UMEM offset of a frontend user-address range inside one region."""
-        for p in self.layout.regions:
-            r = p.region
-            if r.uva <= uva and uva + size <= r.uva + r.size:
-                return p.umem_off + (uva - r.uva)
-        return None
+        return self._to_off("uva", uva, size)
 
     def gpa_to_off(self, gpa: int, size: int) -> int | None:
-        """UMEM offset of a guest-physical range inside one region."""
+        """UMEM offset of a guest-physical range inside one region (the
+        datapath does this in C, xn_translate(); this one is for tests)."""
+        return self._to_off("gpa", gpa, size)
+
+    def _to_off(self, space: str, addr: int, size: int) -> int | None:
         for p in self.layout.regions:
-            r = p.region
-            if r.gpa <= gpa and gpa + size <= r.gpa + r.size:
-                return p.umem_off + (gpa - r.gpa)
+            start = getattr(p.region, space)
+            if start <= addr and addr + size <= start + p.region.size:
+                return p.umem_off + (addr - start)
         return None
 
     def read(self, off: int, size: int) -> bytes:
