@@ -142,13 +142,8 @@ class VhostUserFrontend:
         buf = bytearray()
         while len(buf) < n:
             try:
-                chunk, anc, _, _ = self.sock.recvmsg(n - len(buf),
-                                                     socket.CMSG_SPACE(P.MAX_FDS * 4))
-                for level, kind, data in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        fds = array.array("i")
-                        fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-                        self.reply_fds.extend(fds)
+                chunk, anc, _, _ = self.sock.recvmsg(n - len(buf), P.ANCILLARY_SIZE)
+                self.reply_fds.extend(P.fds_from_ancdata(anc))
             except socket.timeout as e:
                 raise FrontendError(f"no reply to {what} within {self.timeout:.1f}s") from e
             except ConnectionResetError as e:

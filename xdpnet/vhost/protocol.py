@@ -8,7 +8,9 @@ payload layouts, with pack/unpack helpers.  Used by the backend's server
 
 from __future__ import annotations
 
+import array
 import enum
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -331,3 +333,21 @@ def unpack_vring_file(payload: bytes) -> VringFile:
     value = unpack_u64(payload)
     return VringFile(index=value & VRING_IDX_MASK, nofd=bool(value & VRING_NOFD_MASK),
                      reserved=value & VRING_FILE_RESERVED_MASK)
+
+
+# --- file descriptors (SCM_RIGHTS) ----------------------------------------
+
+FD_SIZE = array.array("i").itemsize
+ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS * FD_SIZE)   # room for MAX_FDS fds
+
+
+def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The SCM_RIGHTS fds in a ``recvmsg()`` ancillary list (a truncated
+    cmsg may end in a partial int: it is dropped)."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % FD_SIZE])
+            fds.extend(arr)
+    return fds

@@ -37,7 +37,6 @@ connection.
 
 from __future__ import annotations
 
-import array
 import errno
 import grp
 import logging
@@ -54,6 +53,8 @@ from typing import Callable
 from xdpnet.errors import BusyError, PrivilegeError, UsageError, VhostError
 from xdpnet.vhost.device import VhostUserDevice, VringState
 from xdpnet.vhost.protocol import (
+    ANCILLARY_SIZE,
+    fds_from_ancdata,
     HEADER_SIZE, INFLIGHT_C_SIZE, MAX_FDS, MAX_MEM_REGIONS, MAX_PAYLOAD, MAX_QUEUE_SIZE,
     MEM_REGION, MEM_TABLE_HEAD, MEM_TABLE_MAX_SIZE, PROTOCOL_FEATURES_BIT, U64, VERSION,
     VERSION_1_BIT, VRING_ADDR, VRING_F_LOG, VRING_STATE, Header, ProtocolFeature, Request,
@@ -78,8 +79,6 @@ MASKED_VIRTIO_FEATURES = bit(VirtioFeature.LOG_ALL)
 MAX_QUEUE_PAIRS = 128
 SEND_TIMEOUT = 5.0              # seconds a reply may wait for room in the socket
 LISTEN_BACKLOG = 4
-_FD_SIZE = array.array("i").itemsize
-_ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * _FD_SIZE)
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 _UNSUPPORTED_REASON: dict[int, str] = {
@@ -160,18 +159,6 @@ def _close_fd(fd: int | None) -> None:
             os.close(fd)
         except OSError:
             pass
-
-
-def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    """The SCM_RIGHTS fds in a recvmsg() ancillary list."""
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            # A truncated cmsg may end in a partial int: drop it.
-            arr.frombytes(data[: len(data) - len(data) % _FD_SIZE])
-            fds.extend(arr)
-    return fds
 
 
 def _is_notifier_fd(fd: int) -> bool:
@@ -378,7 +365,7 @@ class VhostUserSession:
                     self._rx_fds_truncated = False
                     return msg
             try:
-                data, anc, flags, _ = self._sock.recvmsg(need, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
+                data, anc, flags, _ = self._sock.recvmsg(need, ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError) as e:
                 if isinstance(e, InterruptedError):
                     continue
@@ -386,7 +373,7 @@ class VhostUserSession:
             except OSError as e:
                 raise _Closed(f"receive failed: {e.strerror or e}",
                               logging.INFO if e.errno == errno.ECONNRESET else logging.ERROR)
-            self._rx_fds.extend(_fds_from_ancdata(anc))
+            self._rx_fds.extend(fds_from_ancdata(anc))
             if flags & socket.MSG_CTRUNC:
                 self._rx_fds_truncated = True
             if not data:
