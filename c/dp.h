@@ -132,6 +132,9 @@ struct xn_qp {
 	uint32_t tx_slot_first, tx_slot_count;
 	bool tx_kick_needed;
 
+	/* scratch for walked chains (rx bounce may gather up to 8) */
+	struct xn_chain scratch[8];
+
 	/* diagnostics */
 	uint64_t trace[XN_TRACE_LEN * 2];  /* (rx desc data addr, posted buffer) */
 	uint32_t trace_pos;

@@ -201,7 +201,7 @@ static inline void trace(struct xn_qp *qp, uint64_t data, uint64_t buf)
  */
 static void rx_bounce(struct xn_qp *qp, uint32_t slot, uint64_t data, uint32_t len)
 {
-	static __thread struct xn_chain ch[8];
+	struct xn_chain *ch = qp->scratch;
 	const uint8_t *src = xn_umem_ptr(qp->mem, data);
 	uint32_t need = XN_VNET_HDR_LEN + len, have = 0, k = 0, i, off = 0;
 	uint32_t maxk = qp->mrg_rxbuf ? 8 : 1;
@@ -333,13 +333,13 @@ int xn_rx_receive(struct xn_qp *qp)
 static int post_one(struct xn_qp *qp, uint16_t head, uint16_t aidx, uint64_t *addr)
 {
 	const struct xn_memmap *mem = qp->mem;
-	static __thread struct xn_chain ch;
+	struct xn_chain *ch = &qp->scratch[0];
 	uint32_t slot;
 
-	if (xn_vq_walk(mem, &qp->rx, head, &ch))
+	if (xn_vq_walk(mem, &qp->rx, head, ch))
 		return -EIO;
-	if (ch.nseg == 1 && ch.total >= XN_VNET_HDR_LEN + mem->max_frame) {
-		uint64_t fill = ch.seg[0].off + XN_VNET_HDR_LEN - XN_XDP_HEADROOM - mem->headroom;
+	if (ch->nseg == 1 && ch->total >= XN_VNET_HDR_LEN + mem->max_frame) {
+		uint64_t fill = ch->seg[0].off + XN_VNET_HDR_LEN - XN_XDP_HEADROOM - mem->headroom;
 		int err = rxmap_insert(&qp->rxmap, fill, head | ((uint32_t)aidx << 16));
 
 		if (err == -EEXIST) {

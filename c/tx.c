@@ -136,16 +136,16 @@ static uint32_t linearise(const struct xn_memmap *mem, const struct xn_chain *ch
  */
 static int tx_one(struct xn_qp *qp, uint16_t head, struct xdp_desc *desc)
 {
-	static __thread struct xn_chain ch;
+	struct xn_chain *ch = &qp->scratch[0];
 	const struct xn_memmap *mem = qp->mem;
 	struct xn_txent *e;
 	uint32_t len;
 	uint64_t off;
 	int32_t slot = -1;
 
-	if (xn_vq_walk(mem, &qp->tx, head, &ch))
+	if (xn_vq_walk(mem, &qp->tx, head, ch))
 		return -EIO;
-	len = ch.total > XN_VNET_HDR_LEN ? ch.total - XN_VNET_HDR_LEN : 0;
+	len = ch->total > XN_VNET_HDR_LEN ? ch->total - XN_VNET_HDR_LEN : 0;
 	if (len < 14) {
 		qp->ctr->drop_invalid_desc++;
 		xn_vq_used_add(&qp->tx, head, 0);
@@ -156,12 +156,12 @@ static int tx_one(struct xn_qp *qp, uint16_t head, struct xdp_desc *desc)
 		xn_vq_used_add(&qp->tx, head, 0);
 		return 0;
 	}
-	if (!frame_piece(&ch, &off)) {
+	if (!frame_piece(ch, &off)) {
 		if (!qp->tx_nfree)
 			return -EAGAIN;
 		slot = (int32_t)qp->tx_free_slots[--qp->tx_nfree];
 		off = slot_off(mem, (uint32_t)slot);
-		linearise(mem, &ch, xn_umem_ptr(mem, off));
+		linearise(mem, ch, xn_umem_ptr(mem, off));
 		qp->ctr->tx_copied_frames++;
 		qp->ctr->tx_copied_bytes += len;
 	} else {

@@ -24,7 +24,7 @@ from typing import Protocol
 from xdpnet.datapath.counters import BROKEN_REASONS, CounterBlock
 from xdpnet.datapath.queue_pair import QueuePair, RingConfig
 from xdpnet.datapath.xsk import Umem, XskSocket
-from xdpnet.errors import VhostError, XdpnetError
+from xdpnet.errors import VhostError
 from xdpnet.memory.umem import FrameGeometry, GuestMemory
 from xdpnet.vhost.device import VringState
 from xdpnet.vhost.protocol import MemRegion, ProtocolFeature, VirtioFeature, bit, feature_names
@@ -330,4 +330,4 @@ class NetBackend:
                     pass
 
 
-__all__ = ["BackendConfig", "NetBackend", "XdpnetError"]
+__all__ = ["BackendConfig", "NetBackend"]
