@@ -145,7 +145,8 @@ struct xn_qp_config {
 	uint32_t bounce_first;          /* first bounce slot this pair owns */
 	uint32_t bounce_count;          /* slots it owns (split rx/tx inside) */
 	uint32_t batch;                 /* max descriptors per ring pass, 0 = 64 */
-	uint32_t poll_timeout_ms;       /* idle poll() timeout, 0 = 1000 */
+	uint32_t poll_timeout_ms;       /* idle poll() timeout, 0 = 250 */
+	uint32_t busy_poll_us;          /* keep polling this long after the last work */
 };
 
 struct xn_umem;                     /* a registered UMEM (libxdp) */

@@ -55,6 +55,7 @@ class BackendConfig:
     bounce_slots: int = 1024                # shared by all pairs
     ring_size: int = 2048                   # XSK ring entries
     batch: int = 64
+    busy_poll_us: int = 0                   # poll this long after the last work before sleeping
     counters_dir: str | None = None         # files other processes can map
 
 
@@ -266,7 +267,8 @@ class NetBackend:
             ctr.ptr.rx_broken = 0
             ctr.ptr.tx_broken = 0
             qp = QueuePair(p, self.memory, xsk, rx, tx, self.features, ctr,
-                           bounce_first=p * per_pair, bounce_count=per_pair, batch=cfg.batch)
+                           bounce_first=p * per_pair, bounce_count=per_pair, batch=cfg.batch,
+                           busy_poll_us=cfg.busy_poll_us)
             if self.steering is not None:
                 self.steering.set_xsk(cfg.queues[p], xsk.fd)
             qp.start()

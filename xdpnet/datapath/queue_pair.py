@@ -57,7 +57,8 @@ class QueuePair:
 
     def __init__(self, index: int, memory: GuestMemory, xsk: XskSocket, rx: RingConfig,
                  tx: RingConfig, features: int, counters: CounterBlock, *,
-                 bounce_first: int, bounce_count: int, batch: int = 64):
+                 bounce_first: int, bounce_count: int, batch: int = 64,
+                 busy_poll_us: int = 0):
         cfg = ffi.new("struct xn_qp_config *")
         cfg.mem = memory.memmap
         cfg.xsk = xsk.ptr
@@ -67,6 +68,7 @@ class QueuePair:
         cfg.bounce_first = bounce_first
         cfg.bounce_count = bounce_count
         cfg.batch = batch
+        cfg.busy_poll_us = busy_poll_us
         # A ring without a kick fd is polled (vhost-user: bit 8 of SET_VRING_KICK).
         cfg.poll_timeout_ms = 1 if rx.kick_fd < 0 or tx.kick_fd < 0 else 0
         out = ffi.new("struct xn_qp **")
