@@ -93,7 +93,7 @@ static void sleep_ms(long ms)
  *
  * Return: 0 or -errno.
  */
-static int bind_socket(struct xn_xsk *x, struct xsk_umem *umem, const char *ifname,
+static int bind_socket(struct xn_xsk *x, struct xn_umem *u, const char *ifname,
 		       uint32_t queue, uint32_t ring_size, uint16_t bind_flags)
 {
 	struct xsk_socket_config cfg = {
@@ -102,15 +102,27 @@ static int bind_socket(struct xn_xsk *x, struct xsk_umem *umem, const char *ifna
 		.libxdp_flags = XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD,
 		.bind_flags = bind_flags,
 	};
+	/* The first socket on a UMEM takes the rings made at registration.
+	 * Pass libxdp the very structs it saved then: on a failed bind (EBUSY
+	 * while the previous socket on the queue is still being released) it
+	 * unmaps those rings unless the pointers match, and a retry would
+	 * then copy the dangling ring pointers. */
+	int first = u->nsockets == 0;
+	struct xsk_ring_prod *fill = first ? &u->fill : &x->fill;
+	struct xsk_ring_cons *comp = first ? &u->comp : &x->comp;
 	int err, tries = 0;
 
 	do {
-		err = xsk_socket__create_shared(&x->xsk, ifname, queue, umem, &x->rx, &x->tx,
-						&x->fill, &x->comp, &cfg);
+		err = xsk_socket__create_shared(&x->xsk, ifname, queue, u->umem, &x->rx, &x->tx,
+						fill, comp, &cfg);
 		if (err != -EBUSY)
 			break;
 		sleep_ms(20);
 	} while (++tries < 50);
+	if (!err && first) {
+		x->fill = u->fill;
+		x->comp = u->comp;
+	}
 	return err;
 }
 
@@ -124,8 +136,7 @@ static int bind_socket(struct xn_xsk *x, struct xsk_umem *umem, const char *ifna
 int xn_xsk_probe_zerocopy(const char *ifname, uint32_t queue)
 {
 	struct xn_xsk x = { 0 };
-	struct xsk_ring_prod fill;
-	struct xsk_ring_cons comp;
+	struct xn_umem u = { 0 };
 	struct xsk_umem *umem;
 	size_t size = 64 * 4096;
 	void *area;
@@ -134,12 +145,13 @@ int xn_xsk_probe_zerocopy(const char *ifname, uint32_t queue)
 	area = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (area == MAP_FAILED)
 		return -errno;
-	err = xsk_umem__create(&umem, area, size, &fill, &comp, NULL);
+	err = xsk_umem__create(&umem, area, size, &u.fill, &u.comp, NULL);
 	if (err) {
 		munmap(area, size);
 		return err;
 	}
-	err = bind_socket(&x, umem, ifname, queue, 64, XDP_ZEROCOPY | XDP_USE_NEED_WAKEUP);
+	u.umem = umem;
+	err = bind_socket(&x, &u, ifname, queue, 64, XDP_ZEROCOPY | XDP_USE_NEED_WAKEUP);
 	if (!err) {
 		ret = 1;
 		xsk_socket__delete(x.xsk);
@@ -183,7 +195,7 @@ int xn_xsk_create(struct xn_xsk **out, struct xn_umem *umem, const char *ifname,
 	x->ring_size = ring_size;
 	x->zerocopy = mode == XN_XSK_MODE_ZEROCOPY;
 	flags |= x->zerocopy ? XDP_ZEROCOPY : XDP_COPY;
-	err = bind_socket(x, umem->umem, ifname, queue, ring_size, flags);
+	err = bind_socket(x, umem, ifname, queue, ring_size, flags);
 	if (err) {
 		free(x);
 		return err;
