@@ -25,6 +25,8 @@ from xdpnet.datapath.counters import BROKEN_REASONS, CounterBlock
 from xdpnet.datapath.queue_pair import QueuePair, RingConfig
 from xdpnet.datapath.xsk import Umem, XskSocket
 from xdpnet.errors import VhostError
+from xdpnet.memory.discard import DEFAULT_INTERVAL as DISCARD_INTERVAL
+from xdpnet.memory.discard import Discard, DiscardWatcher, WatchedRange
 from xdpnet.memory.umem import FrameGeometry, GuestMemory
 from xdpnet.vhost.device import VringState
 from xdpnet.vhost.protocol import MemRegion, ProtocolFeature, VirtioFeature, bit, feature_names
@@ -84,7 +86,11 @@ class NetBackend:
         self.counters = [CounterBlock.create(self._counter_path(i))
                          for i in range(len(config.queues))]
         self._lock = threading.RLock()
-        self.last_pause_ms: float | None = None
+        self.last_pause_ms: float | None = None       # queue pairs stopped, last re-registration
+        self.last_register_ms: float | None = None    # mapping + pinning the last table
+        self.discards = 0                               # discard events seen
+        self._watcher: DiscardWatcher | None = None
+        self.discard_interval = DISCARD_INTERVAL
 
     def _counter_path(self, i: int) -> str | None:
         d = self.config.counters_dir
@@ -116,6 +122,25 @@ class NetBackend:
     # -- memory -------------------------------------------------------------
 
     def set_mem_table(self, regions: list[MemRegion], fds: list[int]) -> None:
+        self._install_memory(regions, fds, "new memory table")
+
+    def reregister(self, why: str) -> None:
+        """Map and register the current memory table again (same files).
+
+        After pages were discarded from guest memory the UMEM still pins
+        the old pages: frames would land where the guest never looks.  A
+        fresh registration pins the pages the guest sees now.
+        """
+        with self._lock:
+            if self.memory is None:
+                return
+            placed = self.memory.layout.regions
+            table = [MemRegion(p.region.gpa, p.region.size, p.region.uva, p.region.mmap_offset)
+                     for p in placed]
+            self._install_memory(table, list(self.memory.fds), why)
+
+    def _install_memory(self, regions: list[MemRegion], fds: list[int], why: str) -> None:
+        """Map and register ``regions``; running pairs pause and resume on it."""
         with self._lock:
             t0 = time.monotonic()
             new = GuestMemory.map(regions, fds, bounce_slots=self.config.bounce_slots,
@@ -125,22 +150,66 @@ class NetBackend:
             except BaseException:
                 new.close()
                 raise
+            # Mapped and pinned while the old pairs still run: the pause
+            # below is only stop, rebind and restart.
+            t1 = time.monotonic()
+            self._stop_watch()
             running = sorted(self._pairs)
             bases = {p: self._stop_pair(p) for p in running}
-            self._drop_memory()
+            old = (self.memory, self._spare_umem)
             self.memory, self._spare_umem = new, spare
             for p, (rx, tx) in bases.items():
                 self._vrings[2 * p].base, self._vrings[2 * p + 1].base = rx, tx
                 self._start_pair(p)
-            ms = (time.monotonic() - t0) * 1000
+            t2 = time.monotonic()
+            # Unmapping the old range (page tables of all of guest RAM) is
+            # not part of the pause.
+            for thing in (old[1], old[0]):
+                if thing is not None:
+                    thing.close()
+            self._start_watch()
+            reg_ms, pause_ms = (t1 - t0) * 1000, (t2 - t1) * 1000
+            self.last_register_ms = reg_ms
             sizes = "+".join(f"{r.size >> 20}M" for r in regions)
             if running:
-                self.last_pause_ms = ms
-                log.info("new memory table (%s) while running: queue pairs paused %.1f ms",
-                         sizes, ms)
+                self.last_pause_ms = pause_ms
+                log.info("%s (%s) while running: registered in %.1f ms, queue pairs paused "
+                         "%.1f ms", why, sizes, reg_ms, pause_ms)
             else:
                 log.info("memory table: %d region(s) (%s), UMEM range %d MiB registered in %.1f ms",
-                         len(regions), sizes, new.size >> 20, ms)
+                         len(regions), sizes, new.size >> 20, reg_ms)
+
+    # -- discarded guest pages ------------------------------------------------
+
+    def _start_watch(self) -> None:
+        """Watch the just-registered regions for discarded pages."""
+        assert self.memory is not None
+        ranges = [WatchedRange(i, fd, p.region.mmap_offset, p.region.size,
+                               by_blocks=p.region.hugetlb)
+                  for i, (p, fd) in enumerate(zip(self.memory.layout.regions, self.memory.fds))]
+        self._watcher = DiscardWatcher(ranges, self._on_discard,
+                                       interval=self.discard_interval).start()
+
+    def _stop_watch(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+
+    def _on_discard(self, d: Discard) -> None:
+        """A hole appeared in registered guest memory: count, log once, re-register."""
+        self.discards += 1
+        log.warning("guest memory discard detected: %s (balloon, free-page reporting, virtio-mem "
+                    "or postcopy?); re-registering the UMEM so that no further frame is lost. "
+                    "Turn those off for VMs served by xdpnet (docs/memory.md)", d.describe())
+        try:
+            self.reregister("re-registration after a discard")
+        except Exception as e:          # noqa: BLE001 - logged; the pairs stay stopped
+            log.error("re-registration after a discard failed: %s", e)
+
+    def check_discards(self) -> bool:
+        """Check for discarded pages now (e.g. when a queue stalls); True if found."""
+        w = self._watcher
+        return w is not None and w.check() is not None
 
     def _drop_memory(self) -> None:
         if self._spare_umem is not None:
@@ -228,6 +297,7 @@ class NetBackend:
             for i in list(self._vrings):
                 self._close_ring_fds(i)
             self._vrings.clear()
+            self._stop_watch()
             self._drop_memory()
             self.features = 0
 

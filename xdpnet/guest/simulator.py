@@ -233,7 +233,10 @@ class GuestMemory:
     allocator per region (bottom-up and top-down)."""
 
     def __init__(self, size: int, regions: int = 1, hugetlb: bool = False):
-        flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB | os.MFD_HUGE_2MB if hugetlb else 0)
+        # MFD_ALLOW_SEALING like QEMU's memory-backend-memfd (which also seals
+        # growing and shrinking by default).
+        flags = (os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+                 | (os.MFD_HUGETLB | os.MFD_HUGE_2MB if hugetlb else 0))
         self.size = size
         self.fd = os.memfd_create("xdpnet-guest", flags)
         try:

@@ -31,7 +31,9 @@ HUGETLBFS_MAGIC = 0x958458F6
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 HUGE_PAGE_SIZE = 2 << 20
 
+F_ADD_SEALS = 1033
 F_GET_SEALS = 1034
+F_SEAL_SHRINK = 0x0002
 F_SEAL_WRITE = 0x0008
 F_SEAL_FUTURE_WRITE = 0x0010
 
@@ -106,6 +108,26 @@ def check_region(i: int, r: MemRegion, fd: int) -> GuestRegion:
             f"{where}: extends past the end of its file (offset 0x{r.mmap_offset:x} + size "
             f"0x{r.size:x} > file size 0x{st.st_size:x})")
     return GuestRegion(r.guest_addr, r.size, r.user_addr, r.mmap_offset, fd, hugetlb)
+
+
+def seal_against_shrinking(fd: int) -> bool:
+    """Forbid shrinking the file behind ``fd``; True if it is (now) sealed.
+
+    The backend reads the virtqueues through its own mapping of guest
+    memory: a frontend that truncated the file afterwards would turn those
+    reads into SIGBUS.  QEMU's memory-backend-memfd seals shrinking itself
+    (``seal=on``, the default); for a memfd created without the seal but
+    with sealing allowed we add it.  tmpfs and hugetlbfs files cannot be
+    sealed: their frontend is trusted not to truncate guest RAM.
+    """
+    try:
+        fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK)
+    except OSError:
+        try:
+            return bool(fcntl.fcntl(fd, F_GET_SEALS) & F_SEAL_SHRINK)
+        except OSError:
+            return False
+    return True
 
 
 def check_table(regions: list[MemRegion], fds: list[int],

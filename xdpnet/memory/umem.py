@@ -19,12 +19,15 @@ never be overrun.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
 from xdpnet.errors import MemoryTableError, UsageError
-from xdpnet.memory.regions import GuestRegion, check_table
+from xdpnet.memory.regions import GuestRegion, check_table, seal_against_shrinking
 from xdpnet.vhost.protocol import MemRegion
+
+log = logging.getLogger("xdpnet.memory")
 
 LEAD_PAD = 2 << 20
 ALIGN = 2 << 20
@@ -129,6 +132,8 @@ class GuestMemory:
         try:
             cursor = 0
             for i, p in enumerate(layout.regions):
+                if not seal_against_shrinking(p.region.fd):
+                    log.debug("memory region %d: file cannot be sealed against shrinking", i)
                 if p.umem_off > cursor:
                     cls._anon(base, cursor, p.umem_off - cursor)
                 err = lib.xn_mem_map_fd(base + p.umem_off, p.map_size, p.region.fd,
