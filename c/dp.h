@@ -10,6 +10,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <string.h>
 #include <xdp/xsk.h>
 
 #include "xdpnet.h"
@@ -30,6 +31,7 @@ struct xn_umem {
 	struct xsk_ring_cons comp;      /* to the first socket bound on it */
 	const struct xn_memmap *mem;
 	int nsockets;
+	int zerocopy;                   /* mode of the first socket: shared ones inherit it */
 };
 
 struct xn_xsk {
@@ -88,7 +90,7 @@ struct xn_vq {
 /* Open-addressing map from fill address to the rx head posted with it. */
 struct xn_rxmap {
 	uint64_t *key;          /* fill address + 1 (0 = empty) */
-	uint32_t *val;          /* head | (avail index << 16) */
+	uint64_t *val;          /* head | (take sequence << 16) */
 	uint32_t mask;
 	uint32_t count;
 };
@@ -103,10 +105,34 @@ struct xn_txent {
 
 #define XN_TRACE_LEN 64
 
+/* The sockets of a queue pair, by role. */
+enum { XN_SOCK_DIRECT = 0, XN_SOCK_PORT = 1, XN_NSOCK = 2 };
+
+/*
+ * One socket of a queue pair and its tx frames in flight.  Completions of
+ * a socket come back in its submission order, so each socket keeps its own
+ * FIFO; the rx side needs nothing per socket (the rxmap is keyed by fill
+ * address, unique across both fill rings).
+ */
+struct xn_sock {
+	struct xn_xsk *xsk;     /* NULL: the pair has no such socket */
+	struct xn_txent *txq;   /* submitted, not yet completed (FIFO) */
+	uint32_t txq_head, txq_count, txq_cap;
+	uint32_t tx_pending;    /* descriptors written this batch, not yet submitted */
+	uint32_t fill_target;   /* most fill entries kept posted, 0 = as many as fit */
+	bool tx_kick_needed;
+};
+
+/* A table of u64 MACs (xdpnet.h), as set by xn_qp_set_local_macs(). */
+struct xn_mactab {
+	uint32_t n;
+	uint64_t mac[XN_MAX_LOCAL_MACS];
+};
+
 struct xn_qp {
 	struct xn_qp_config cfg;
 	const struct xn_memmap *mem;
-	struct xn_xsk *xsk;
+	struct xn_sock sock[XN_NSOCK];
 	struct xn_counters *ctr;
 	struct xn_vq rx;
 	struct xn_vq tx;
@@ -115,22 +141,33 @@ struct xn_qp {
 	int stopping;           /* atomic */
 	bool mrg_rxbuf;
 
+	/* rx avail entries taken so far: numbers each taken buffer, so that a
+	 * stop knows exactly how long ago each held one was taken (16-bit
+	 * avail indexes wrap while a port buffer waits for a frame) */
+	uint64_t rx_seq;
+
 	/* rx */
 	struct xn_rxmap rxmap;
 	uint16_t *slow_fifo;    /* heads waiting for a bounce frame (FIFO) */
-	uint16_t *slow_aidx;    /* their avail indexes */
+	uint64_t *slow_seq;     /* their take sequences (xn_qp.rx_seq) */
 	uint32_t slow_head, slow_count, slow_cap;
 	uint32_t *rx_free_slots;/* free rx bounce slots (stack) */
 	uint32_t rx_nfree;
 	uint32_t rx_slot_first, rx_slot_count;
 
 	/* tx */
-	struct xn_txent *txq;   /* submitted, not yet completed (FIFO) */
-	uint32_t txq_head, txq_count, txq_cap;
 	uint32_t *tx_free_slots;
 	uint32_t tx_nfree;
 	uint32_t tx_slot_first, tx_slot_count;
-	bool tx_kick_needed;
+	uint64_t vm_mac;        /* tx source MAC must be this, 0 = no check */
+
+	/* local MACs: written by xn_qp_set_local_macs() (double buffer,
+	 * qp.c), copied into `local` by the datapath once per tx batch */
+	struct xn_mactab macs[2];
+	uint32_t macs_gen;      /* atomic: macs[macs_gen & 1] is current */
+	int macs_lock;          /* atomic: serialises writers */
+	struct xn_mactab local; /* the datapath's copy */
+	uint32_t local_gen;
 
 	/* scratch for walked chains (rx bounce may gather up to 8) */
 	struct xn_chain scratch[8];
@@ -155,9 +192,14 @@ void xn_vq_break(struct xn_vq *vq, int reason);
 uint8_t *xn_umem_ptr(const struct xn_memmap *mem, uint64_t off);
 int xn_translate(const struct xn_memmap *mem, uint64_t gpa, uint64_t len, uint64_t *off);
 
+/* qp.c */
+bool xn_qp_local_mac(struct xn_qp *qp, uint64_t mac);
+void xn_qp_local_macs_sync(struct xn_qp *qp);
+
 /* rx.c */
 int xn_rx_receive(struct xn_qp *qp);
 int xn_rx_refill(struct xn_qp *qp);
+uint32_t xn_rx_fill_room(struct xn_qp *qp, struct xn_sock *s);
 int xn_rxmap_init(struct xn_rxmap *m, uint32_t entries);
 void xn_rxmap_free(struct xn_rxmap *m);
 
@@ -166,6 +208,16 @@ int xn_tx_complete(struct xn_qp *qp);
 int xn_tx_send(struct xn_qp *qp);
 int xn_tx_kick(struct xn_qp *qp);
 void xn_tx_abandon(struct xn_qp *qp);
+uint32_t xn_tx_inflight(const struct xn_qp *qp);
+
+/* xn_mac_u64() - the u64 form (xdpnet.h) of the MAC at @p. */
+static inline uint64_t xn_mac_u64(const uint8_t *p)
+{
+	uint64_t v = 0;
+
+	memcpy(&v, p, 6);
+	return v;
+}
 
 #define XN_ACCESS_ONCE(x) (*(volatile __typeof__(x) *)&(x))
 

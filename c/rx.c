@@ -19,6 +19,13 @@
  * rx descriptors are matched to guest buffers by address, never by order:
  * the kernel consumes fill entries in its own order and silently skips
  * invalid ones.
+ *
+ * With a port socket besides the direct one, guest buffers are split
+ * between the two fill rings: the port's is kept topped up to a modest
+ * target (broadcast, VM-to-VM and misdirected unicast arrive there), the
+ * rest goes to the direct socket.  Both rx rings are drained the same way;
+ * the address map covers both fill rings, so a buffer is completed by
+ * whichever socket received into it.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -74,7 +81,7 @@ void xn_rxmap_free(struct xn_rxmap *m)
  * Return: 0, -EEXIST if @addr is already posted (the guest offered one
  * buffer twice), -ENOSPC if the map is full.
  */
-static int rxmap_insert(struct xn_rxmap *m, uint64_t addr, uint32_t val)
+static int rxmap_insert(struct xn_rxmap *m, uint64_t addr, uint64_t val)
 {
 	uint32_t i = hash64(addr) & m->mask;
 
@@ -96,7 +103,7 @@ static int rxmap_insert(struct xn_rxmap *m, uint64_t addr, uint32_t val)
  *
  * Return: true and *@val if found.
  */
-static bool rxmap_take(struct xn_rxmap *m, uint64_t addr, uint32_t *val)
+static bool rxmap_take(struct xn_rxmap *m, uint64_t addr, uint64_t *val)
 {
 	uint32_t i = hash64(addr) & m->mask, j;
 
@@ -262,7 +269,7 @@ static void rx_direct(struct xn_qp *qp, uint64_t base, uint64_t data, uint32_t l
 {
 	const struct xn_memmap *mem = qp->mem;
 	uint64_t buf = base + XN_XDP_HEADROOM + mem->headroom - XN_VNET_HDR_LEN;
-	uint32_t val;
+	uint64_t val;
 
 	if (!rxmap_take(&qp->rxmap, base, &val)) {
 		/* Not an address we posted: nothing to complete. */
@@ -288,16 +295,16 @@ static void rx_direct(struct xn_qp *qp, uint64_t base, uint64_t data, uint32_t l
 }
 
 /**
- * xn_rx_receive() - move a batch of frames from the rx ring to the guest
+ * rx_receive_sock() - move a batch of frames from one socket's rx ring to
+ * the guest
  * @qp:		queue pair
+ * @s:		the socket
  *
- * Used entries are added, not published: the run loop publishes once.
- *
- * Return: frames taken from the rx ring.
+ * Return: frames taken from its rx ring.
  */
-int xn_rx_receive(struct xn_qp *qp)
+static uint32_t rx_receive_sock(struct xn_qp *qp, struct xn_sock *s)
 {
-	struct xn_xsk *x = qp->xsk;
+	struct xn_xsk *x = s->xsk;
 	uint32_t idx, n, i;
 
 	n = xsk_ring_cons__peek(&x->rx, qp->batch, &idx);
@@ -314,7 +321,32 @@ int xn_rx_receive(struct xn_qp *qp)
 	}
 	if (n)
 		xsk_ring_cons__release(&x->rx, n);
-	return (int)n;
+	return n;
+}
+
+/**
+ * xn_rx_receive() - move a batch of frames from each socket's rx ring to
+ * the guest
+ * @qp:		queue pair
+ *
+ * Used entries are added, not published: the run loop publishes once.
+ *
+ * Return: frames taken from the rx rings.
+ */
+int xn_rx_receive(struct xn_qp *qp)
+{
+	uint32_t total = 0, n;
+	int i;
+
+	for (i = 0; i < XN_NSOCK; i++) {
+		if (!qp->sock[i].xsk)
+			continue;
+		n = rx_receive_sock(qp, &qp->sock[i]);
+		if (i == XN_SOCK_PORT)
+			qp->ctr->rx_port_frames += n;
+		total += n;
+	}
+	return (int)total;
 }
 
 /* --- refill -------------------------------------------------------------- */
@@ -323,14 +355,14 @@ int xn_rx_receive(struct xn_qp *qp)
  * post_one() - choose the fill address for the guest buffer at @head
  * @qp:		queue pair
  * @head:	head index read from the avail ring
- * @aidx:	its avail index (kept so a stop can rewind)
+ * @seq:	its take sequence (kept so a stop can rewind)
  * @addr:	set to the fill address
  *
  * Return: 0 and *@addr, -EAGAIN if the buffer needs a bounce slot and
  * none is free (the entry is left in the avail ring), -EIO if the chain
  * broke the queue.
  */
-static int post_one(struct xn_qp *qp, uint16_t head, uint16_t aidx, uint64_t *addr)
+static int post_one(struct xn_qp *qp, uint16_t head, uint64_t seq, uint64_t *addr)
 {
 	const struct xn_memmap *mem = qp->mem;
 	struct xn_chain *ch = &qp->scratch[0];
@@ -340,7 +372,7 @@ static int post_one(struct xn_qp *qp, uint16_t head, uint16_t aidx, uint64_t *ad
 		return -EIO;
 	if (ch->nseg == 1 && ch->total >= XN_VNET_HDR_LEN + mem->max_frame) {
 		uint64_t fill = ch->seg[0].off + XN_VNET_HDR_LEN - XN_XDP_HEADROOM - mem->headroom;
-		int err = rxmap_insert(&qp->rxmap, fill, head | ((uint32_t)aidx << 16));
+		int err = rxmap_insert(&qp->rxmap, fill, head | (seq << 16));
 
 		if (err == -EEXIST) {
 			xn_vq_break(&qp->rx, XN_BROKEN_DESC_ADDR);
@@ -355,45 +387,92 @@ static int post_one(struct xn_qp *qp, uint16_t head, uint16_t aidx, uint64_t *ad
 		return -EAGAIN;
 	slot = qp->rx_free_slots[--qp->rx_nfree];
 	qp->slow_fifo[(qp->slow_head + qp->slow_count) % qp->slow_cap] = head;
-	qp->slow_aidx[(qp->slow_head + qp->slow_count) % qp->slow_cap] = aidx;
+	qp->slow_seq[(qp->slow_head + qp->slow_count) % qp->slow_cap] = seq;
 	qp->slow_count++;
 	*addr = slot_off(mem, slot);
 	return 0;
 }
 
 /**
- * xn_rx_refill() - post newly available guest rx buffers to the fill ring
+ * xn_rx_fill_room() - how many buffers refill may post to @s now
  * @qp:		queue pair
+ * @s:		one of its sockets
+ *
+ * The free entries of its fill ring, capped by its fill target (the
+ * number of entries it keeps posted) if it has one.
+ *
+ * Return: the count.
+ */
+uint32_t xn_rx_fill_room(struct xn_qp *qp, struct xn_sock *s)
+{
+	struct xsk_ring_prod *f = &s->xsk->fill;
+	uint32_t nfree, posted;
+
+	if (!s->fill_target)
+		return xsk_prod_nb_free(f, qp->batch);
+	/* Asking for the whole ring refreshes the kernel's consumer index. */
+	nfree = xsk_prod_nb_free(f, f->size);
+	posted = f->size - nfree;
+	return posted < s->fill_target ? s->fill_target - posted : 0;
+}
+
+/**
+ * rx_refill_sock() - post newly available guest rx buffers to the fill
+ * ring of one socket
+ * @qp:		queue pair
+ * @s:		the socket
  *
  * Return: buffers posted.
  */
-int xn_rx_refill(struct xn_qp *qp)
+static uint32_t rx_refill_sock(struct xn_qp *qp, struct xn_sock *s)
 {
-	struct xn_xsk *x = qp->xsk;
+	struct xn_xsk *x = s->xsk;
 	struct xn_vq *vq = &qp->rx;
-	uint32_t n, idx, posted = 0;
+	uint32_t n, idx, room, posted = 0;
 	int avail = xn_vq_avail(vq);
 
 	if (avail <= 0)
 		return 0;
 	n = (uint32_t)avail < qp->batch ? (uint32_t)avail : qp->batch;
-	n = xsk_prod_nb_free(&x->fill, n) < n ? xsk_prod_nb_free(&x->fill, n) : n;
+	room = xn_rx_fill_room(qp, s);
+	n = room < n ? room : n;
 	if (!n || xsk_ring_prod__reserve(&x->fill, n, &idx) != n)
 		return 0;
 	while (posted < n) {
-		uint16_t aidx = vq->last_avail;
-		uint16_t head = XN_ACCESS_ONCE(vq->avail->ring[aidx & (vq->num - 1)]);
+		uint16_t head = XN_ACCESS_ONCE(vq->avail->ring[vq->last_avail & (vq->num - 1)]);
 		uint64_t addr;
 
-		if (post_one(qp, head, aidx, &addr))
+		if (post_one(qp, head, qp->rx_seq, &addr))
 			break;
 		*xsk_ring_prod__fill_addr(&x->fill, idx + posted) = addr;
 		vq->last_avail++;
+		qp->rx_seq++;
 		posted++;
 	}
 	/* Give back the reservations we did not use. */
 	x->fill.cached_prod -= n - posted;
 	if (posted)
 		xsk_ring_prod__submit(&x->fill, posted);
+	return posted;
+}
+
+/**
+ * xn_rx_refill() - post newly available guest rx buffers to the fill rings
+ * @qp:		queue pair
+ *
+ * The port socket's ring is topped up to its target first, so that
+ * flooded and VM-to-VM frames always find a buffer; the direct socket
+ * takes the rest.
+ *
+ * Return: buffers posted.
+ */
+int xn_rx_refill(struct xn_qp *qp)
+{
+	uint32_t posted = 0;
+
+	if (qp->sock[XN_SOCK_PORT].xsk)
+		posted += rx_refill_sock(qp, &qp->sock[XN_SOCK_PORT]);
+	if (qp->sock[XN_SOCK_DIRECT].xsk)
+		posted += rx_refill_sock(qp, &qp->sock[XN_SOCK_DIRECT]);
 	return (int)posted;
 }

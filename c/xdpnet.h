@@ -24,6 +24,15 @@
 #define XN_MAX_REGIONS 8        /* memory regions in one table (vhost-user default) */
 #define XN_VNET_HDR_LEN 12      /* struct virtio_net_hdr_v1: VERSION_1 or MRG_RXBUF */
 #define XN_XDP_HEADROOM 256     /* XDP_PACKET_HEADROOM: the kernel adds it on rx */
+#define XN_MAX_LOCAL_MACS 64    /* xn_qp_set_local_macs(): MACs of the other VMs */
+
+/*
+ * MAC addresses as u64 (xn_qp_config.vm_mac, xn_qp_set_local_macs()): the
+ * six bytes in wire order at the start of a little-endian u64, the top
+ * two bytes zero -- 52:54:00:12:34:56 is 0x563412005452.  The same
+ * encoding as the vm_macs key of the BPF programs (bpf/), so one value
+ * serves both; in Python: int.from_bytes(mac + b"\0\0", "little").
+ */
 
 /* Reasons a virtqueue was stopped (virtio NEEDS_RESET); xn_counters.broken. */
 #define XN_BROKEN_NONE 0
@@ -103,7 +112,7 @@ struct xn_counters {
 	uint64_t tx_zero_copy_frames;   /* handed to the tx ring straight from guest memory */
 	uint64_t tx_copied_frames;      /* linearised into the bounce area */
 	uint64_t tx_copied_bytes;
-	uint64_t drop_no_rx_buffer;     /* kernel: fill ring empty or rx ring full */
+	uint64_t drop_no_rx_buffer;     /* kernel: fill ring empty or rx ring full (both sockets) */
 	uint64_t drop_too_large;        /* kernel rx_dropped + tx frames over the limit */
 	uint64_t drop_invalid_desc;     /* descriptors refused (queue then stops) */
 	uint64_t drop_tx_error;         /* sendto() refused the frame (e.g. MTU) */
@@ -114,7 +123,7 @@ struct xn_counters {
 	uint64_t wakeups;               /* poll() returns */
 	uint64_t tx_syscalls;           /* sendto() wake-ups of the kernel tx path */
 	uint64_t fill_ring_used;        /* gauge: entries we posted the kernel has not consumed */
-	uint64_t rx_ring_used;          /* gauge: rx ring entries waiting */
+	uint64_t rx_ring_used;          /* gauge: rx ring entries waiting (gauges: both sockets) */
 	uint64_t tx_ring_used;          /* gauge: tx ring entries the kernel has not taken */
 	uint64_t rx_inflight;           /* gauge: guest rx buffers held by the backend */
 	uint64_t tx_inflight;           /* gauge: guest tx chains held by the backend */
@@ -122,7 +131,7 @@ struct xn_counters {
 	uint64_t tx_used_idx;
 	uint64_t rx_broken;             /* XN_BROKEN_* reason the rx queue stopped, 0 = fine */
 	uint64_t tx_broken;
-	uint64_t kernel_rx_dropped;     /* XDP_STATISTICS, refreshed by the datapath */
+	uint64_t kernel_rx_dropped;     /* XDP_STATISTICS summed over the pair's sockets */
 	uint64_t kernel_rx_invalid;
 	uint64_t kernel_tx_invalid;
 	uint64_t kernel_rx_ring_full;
@@ -132,13 +141,22 @@ struct xn_counters {
 	uint64_t rx_returned_empty;     /* rx buffers handed back unused (len 0) at a stop */
 	uint64_t tx_lost_at_stop;       /* tx frames not completed when the queue stopped */
 	uint64_t rx_rewound;            /* rx buffers given back by rewinding last_avail_idx */
-	uint64_t reserved[9];           /* keeps the block at 48 u64 = 384 bytes */
+	uint64_t rx_port_frames;        /* frames taken from the port socket's rx ring */
+	uint64_t tx_port_frames;        /* frames sent on the port socket */
+	uint64_t tx_spoofed;            /* tx frames dropped: source MAC not the VM's */
+	uint64_t port_fill_ring_used;   /* gauge: fill_ring_used's share of the port socket */
+	uint64_t reserved[5];           /* keeps the block at 48 u64 = 384 bytes */
 };
 
-/* Everything one queue pair's datapath needs. */
+/*
+ * Everything one queue pair's datapath needs.  A pair has one or two
+ * sockets over the same guest memory: the direct socket on a NIC queue
+ * and the port socket on a queue of the VM's port device (see
+ * docs/steering.md); at least one of them.
+ */
 struct xn_qp_config {
 	const struct xn_memmap *mem;
-	struct xn_xsk *xsk;
+	struct xn_xsk *xsk;             /* direct socket (NIC queue), NULL = none */
 	struct xn_vring_config rx;      /* virtqueue 2i: device writes */
 	struct xn_vring_config tx;      /* virtqueue 2i+1: device reads */
 	uint64_t features;              /* negotiated virtio feature bits */
@@ -147,6 +165,11 @@ struct xn_qp_config {
 	uint32_t batch;                 /* max descriptors per ring pass, 0 = 64 */
 	uint32_t poll_timeout_ms;       /* idle poll() timeout, 0 = 250 */
 	uint32_t busy_poll_us;          /* keep polling this long after the last work */
+	struct xn_xsk *port_xsk;        /* port socket, NULL = none */
+	uint64_t vm_mac;                /* tx source MAC must be this (u64 MAC), 0 = no check */
+	uint32_t port_fill_target;      /* rx buffers kept on the port fill ring when the pair
+	                                   also has a direct socket; 0 = min(256, rx num / 4) */
+	uint32_t pad1;
 };
 
 struct xn_umem;                     /* a registered UMEM (libxdp) */
@@ -159,6 +182,8 @@ void xn_umem_destroy(struct xn_umem *umem);
 int xn_xsk_probe_zerocopy(const char *ifname, uint32_t queue);
 int xn_xsk_create(struct xn_xsk **out, struct xn_umem *umem, const char *ifname,
 		  uint32_t queue, uint32_t ring_size, int mode);
+int xn_xsk_create_shared(struct xn_xsk **out, struct xn_umem *umem, const char *ifname,
+			 uint32_t queue, uint32_t ring_size);
 int xn_xsk_fd(const struct xn_xsk *xsk);
 int xn_xsk_is_zerocopy(const struct xn_xsk *xsk);
 void xn_xsk_destroy(struct xn_xsk *xsk);
@@ -171,6 +196,7 @@ int xn_qp_set_enabled(struct xn_qp *qp, int ring, int enabled);
 int xn_qp_set_call_fd(struct xn_qp *qp, int ring, int fd);
 int xn_qp_drain(struct xn_qp *qp, uint32_t timeout_ms);
 int xn_qp_quiesce(struct xn_qp *qp, uint16_t *rx_last_avail, uint16_t *tx_last_avail);
+int xn_qp_set_local_macs(struct xn_qp *qp, const uint64_t *macs, uint32_t n);
 int xn_qp_rx_trace(const struct xn_qp *qp, uint64_t *out, uint32_t max_pairs);
 void xn_qp_destroy(struct xn_qp *qp);
 

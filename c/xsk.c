@@ -90,11 +90,28 @@ static void sleep_ms(long ms)
 /**
  * bind_socket() - create one socket on @umem, retrying while the kernel is
  * still releasing an earlier socket on the same queue (EBUSY, 10-30 ms)
+ * @x:		the socket: its rx/tx rings are set up here
+ * @umem:	libxdp UMEM
+ * @fill:	fill ring to use: the UMEM's own for its first socket, else
+ *		@x's (libxdp then makes a new fill/completion pair on the new
+ *		socket's fd: XDP_SHARED_UMEM on another device or queue)
+ * @comp:	completion ring, likewise
+ * @ifname:	device
+ * @queue:	its queue
+ * @ring_size:	rx and tx ring entries
+ * @bind_flags:	XDP_COPY/XDP_ZEROCOPY/XDP_USE_NEED_WAKEUP; libxdp drops
+ *		them for a shared socket (the kernel refuses flags there: the
+ *		mode is the first socket's)
+ *
+ * The first socket must be handed the UMEM's own ring structs: libxdp
+ * unmaps the rings of a failed bind unless they are those, and a retry
+ * would then post into an unmapped fill ring.
  *
  * Return: 0 or -errno.
  */
-static int bind_socket(struct xn_xsk *x, struct xn_umem *u, const char *ifname,
-		       uint32_t queue, uint32_t ring_size, uint16_t bind_flags)
+static int bind_socket(struct xn_xsk *x, struct xsk_umem *umem, struct xsk_ring_prod *fill,
+		       struct xsk_ring_cons *comp, const char *ifname, uint32_t queue,
+		       uint32_t ring_size, uint16_t bind_flags)
 {
 	struct xsk_socket_config cfg = {
 		.rx_size = ring_size,
@@ -102,27 +119,15 @@ static int bind_socket(struct xn_xsk *x, struct xn_umem *u, const char *ifname,
 		.libxdp_flags = XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD,
 		.bind_flags = bind_flags,
 	};
-	/* The first socket on a UMEM takes the rings made at registration.
-	 * Pass libxdp the very structs it saved then: on a failed bind (EBUSY
-	 * while the previous socket on the queue is still being released) it
-	 * unmaps those rings unless the pointers match, and a retry would
-	 * then copy the dangling ring pointers. */
-	int first = u->nsockets == 0;
-	struct xsk_ring_prod *fill = first ? &u->fill : &x->fill;
-	struct xsk_ring_cons *comp = first ? &u->comp : &x->comp;
 	int err, tries = 0;
 
 	do {
-		err = xsk_socket__create_shared(&x->xsk, ifname, queue, u->umem, &x->rx, &x->tx,
+		err = xsk_socket__create_shared(&x->xsk, ifname, queue, umem, &x->rx, &x->tx,
 						fill, comp, &cfg);
 		if (err != -EBUSY)
 			break;
 		sleep_ms(20);
 	} while (++tries < 50);
-	if (!err && first) {
-		x->fill = u->fill;
-		x->comp = u->comp;
-	}
 	return err;
 }
 
@@ -136,7 +141,8 @@ static int bind_socket(struct xn_xsk *x, struct xn_umem *u, const char *ifname,
 int xn_xsk_probe_zerocopy(const char *ifname, uint32_t queue)
 {
 	struct xn_xsk x = { 0 };
-	struct xn_umem u = { 0 };
+	struct xsk_ring_prod fill;
+	struct xsk_ring_cons comp;
 	struct xsk_umem *umem;
 	size_t size = 64 * 4096;
 	void *area;
@@ -145,13 +151,13 @@ int xn_xsk_probe_zerocopy(const char *ifname, uint32_t queue)
 	area = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (area == MAP_FAILED)
 		return -errno;
-	err = xsk_umem__create(&umem, area, size, &u.fill, &u.comp, NULL);
+	err = xsk_umem__create(&umem, area, size, &fill, &comp, NULL);
 	if (err) {
 		munmap(area, size);
 		return err;
 	}
-	u.umem = umem;
-	err = bind_socket(&x, &u, ifname, queue, 64, XDP_ZEROCOPY | XDP_USE_NEED_WAKEUP);
+	err = bind_socket(&x, umem, &fill, &comp, ifname, queue, 64,
+			  XDP_ZEROCOPY | XDP_USE_NEED_WAKEUP);
 	if (!err) {
 		ret = 1;
 		xsk_socket__delete(x.xsk);
@@ -166,25 +172,21 @@ int xn_xsk_probe_zerocopy(const char *ifname, uint32_t queue)
 }
 
 /**
- * xn_xsk_create() - bind an AF_XDP socket on @ifname queue @queue
+ * xsk_new() - bind a socket on @umem and finish setting it up
  * @out:	set to the new socket
- * @umem:	the UMEM (guest memory) it receives into and sends from
- * @ifname:	NIC name
- * @queue:	NIC queue index
+ * @umem:	the UMEM
+ * @ifname:	device
+ * @queue:	its queue
  * @ring_size:	entries of each of its rings (power of two)
- * @mode:	XN_XSK_MODE_ZEROCOPY, XN_XSK_MODE_COPY or XN_XSK_MODE_AUTO
- *		(the caller probes with xn_xsk_probe_zerocopy() first and
- *		passes the result; AUTO here means copy mode)
+ * @zerocopy:	bind in zero-copy mode (first socket only)
  *
- * Every socket gets its own fill and completion rings, so one guest's
- * memory can serve several queues.
- *
- * Return: 0, or -errno (-EBUSY: the queue has another UMEM bound).
+ * Return: 0 or -errno.
  */
-int xn_xsk_create(struct xn_xsk **out, struct xn_umem *umem, const char *ifname,
-		  uint32_t queue, uint32_t ring_size, int mode)
+static int xsk_new(struct xn_xsk **out, struct xn_umem *umem, const char *ifname,
+		   uint32_t queue, uint32_t ring_size, bool zerocopy)
 {
-	uint16_t flags = XDP_USE_NEED_WAKEUP;
+	uint16_t flags = XDP_USE_NEED_WAKEUP | (zerocopy ? XDP_ZEROCOPY : XDP_COPY);
+	bool first = umem->nsockets == 0;
 	struct xn_xsk *x;
 	int err, budget = (int)ring_size;
 
@@ -193,12 +195,19 @@ int xn_xsk_create(struct xn_xsk **out, struct xn_umem *umem, const char *ifname,
 		return -ENOMEM;
 	x->umem = umem;
 	x->ring_size = ring_size;
-	x->zerocopy = mode == XN_XSK_MODE_ZEROCOPY;
-	flags |= x->zerocopy ? XDP_ZEROCOPY : XDP_COPY;
-	err = bind_socket(x, umem, ifname, queue, ring_size, flags);
+	x->zerocopy = zerocopy;
+	err = bind_socket(x, umem->umem, first ? &umem->fill : &x->fill,
+			  first ? &umem->comp : &x->comp, ifname, queue, ring_size, flags);
 	if (err) {
 		free(x);
 		return err;
+	}
+	if (first) {
+		/* Our copy of the ring structs: the datapath owns their cached
+		 * indices from now on. */
+		x->fill = umem->fill;
+		x->comp = umem->comp;
+		umem->zerocopy = zerocopy;
 	}
 	umem->nsockets++;
 	/* Let one sendto() push the whole tx ring in copy mode (6.16+);
@@ -207,6 +216,58 @@ int xn_xsk_create(struct xn_xsk **out, struct xn_umem *umem, const char *ifname,
 		   &budget, sizeof(budget));
 	*out = x;
 	return 0;
+}
+
+/**
+ * xn_xsk_create() - bind the first AF_XDP socket of @umem on @ifname
+ * queue @queue
+ * @out:	set to the new socket
+ * @umem:	the UMEM (guest memory) it receives into and sends from; no
+ *		socket may have been bound on it yet
+ * @ifname:	NIC name
+ * @queue:	NIC queue index
+ * @ring_size:	entries of each of its rings (power of two)
+ * @mode:	XN_XSK_MODE_ZEROCOPY, XN_XSK_MODE_COPY or XN_XSK_MODE_AUTO
+ *		(the caller probes with xn_xsk_probe_zerocopy() first and
+ *		passes the result; AUTO here means copy mode)
+ *
+ * The socket takes the UMEM's fill and completion rings.  More sockets
+ * over the same memory: xn_xsk_create_shared().
+ *
+ * Return: 0, or -errno (-EBUSY: the queue has another UMEM bound; -EINVAL:
+ * @umem already has a socket).
+ */
+int xn_xsk_create(struct xn_xsk **out, struct xn_umem *umem, const char *ifname,
+		  uint32_t queue, uint32_t ring_size, int mode)
+{
+	if (umem->nsockets)
+		return -EINVAL;
+	return xsk_new(out, umem, ifname, queue, ring_size, mode == XN_XSK_MODE_ZEROCOPY);
+}
+
+/**
+ * xn_xsk_create_shared() - bind one more socket over @umem's memory on
+ * another device or queue (XDP_SHARED_UMEM): the pages are pinned once
+ * @out:	set to the new socket
+ * @umem:	a UMEM that already has a socket (xn_xsk_create())
+ * @ifname:	device, e.g. the VM's port
+ * @queue:	its queue
+ * @ring_size:	entries of each of its rings (power of two)
+ *
+ * The new socket gets its own fill and completion rings (the kernel
+ * requires them on another device or queue) and inherits the first
+ * socket's mode: a zero-copy UMEM can be shared only with a device that
+ * does zero-copy too (veth cannot: -EOPNOTSUPP; the caller then registers
+ * a second UMEM).
+ *
+ * Return: 0, or -errno (-EINVAL: @umem has no socket yet).
+ */
+int xn_xsk_create_shared(struct xn_xsk **out, struct xn_umem *umem, const char *ifname,
+			 uint32_t queue, uint32_t ring_size)
+{
+	if (!umem->nsockets)
+		return -EINVAL;
+	return xsk_new(out, umem, ifname, queue, ring_size, umem->zerocopy);
 }
 
 /* xn_xsk_fd() - the socket's fd (for the XSKMAP and poll()). */

@@ -23,8 +23,8 @@ from typing import Protocol
 
 from xdpnet.datapath.counters import BROKEN_REASONS, CounterBlock
 from xdpnet.datapath.queue_pair import QueuePair, RingConfig
-from xdpnet.datapath.xsk import Umem, XskSocket
-from xdpnet.errors import VhostError
+from xdpnet.datapath.xsk import SharedUmemError, Umem, XskSocket
+from xdpnet.errors import UsageError, VhostError
 from xdpnet.memory.discard import DEFAULT_INTERVAL as DISCARD_INTERVAL
 from xdpnet.memory.discard import Discard, DiscardWatcher, WatchedRange
 from xdpnet.memory.umem import FrameGeometry, GuestMemory
@@ -40,10 +40,14 @@ OFFERED_PROTOCOL = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK)
 
 
 class XskSteering(Protocol):
-    """What the backend needs from the XDP program: XSKMAP entries."""
+    """What the backend needs from the XDP programs: XSKMAP entries.
 
-    def set_xsk(self, queue: int, fd: int) -> None: ...
-    def clear_xsk(self, queue: int) -> None: ...
+    ``kind`` is ``"nic"`` (a socket on NIC queue ``queue``) or ``"port"``
+    (a socket on queue ``queue`` of the VM's port device).
+    """
+
+    def set_xsk(self, kind: str, queue: int, fd: int) -> None: ...
+    def clear_xsk(self, kind: str, queue: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class BackendConfig:
     """Static configuration of one attachment (one VM on one NIC)."""
 
     ifname: str
-    queues: tuple[int, ...] = (0,)          # NIC queue of each queue pair
+    queues: tuple[int, ...] = (0,)          # NIC queue of each queue pair with a direct socket
     zerocopy: bool = False                  # decided by probing the NIC
     geometry: FrameGeometry = FrameGeometry()
     bounce_slots: int = 1024                # shared by all pairs
@@ -59,6 +63,17 @@ class BackendConfig:
     batch: int = 64
     busy_poll_us: int = 0                   # poll this long after the last work before sleeping
     counters_dir: str | None = None         # files other processes can map
+    port_ifname: str | None = None          # the VM's port (docs/steering.md): pair i gets a
+                                            # second socket on its queue i
+    port_pairs: int = 0                     # pairs: max(len(queues), port_pairs)
+    vm_mac: int = 0                         # u64 MAC (c/xdpnet.h) tx frames must come from; 0 = any
+    port_fill_target: int = 0               # rx buffers kept on a port fill ring, 0 = min(256, ring/4)
+
+    @property
+    def pairs(self) -> int:
+        """Queue pairs: pair i has a direct socket iff i < len(queues), a
+        port socket iff port_ifname is set."""
+        return max(len(self.queues), self.port_pairs if self.port_ifname else 0)
 
 
 @dataclass
@@ -66,15 +81,31 @@ class _Pair:
     """A running queue pair and everything it owns."""
 
     umem: Umem
-    xsk: XskSocket
+    xsk: XskSocket | None                               # direct socket (NIC queue)
+    port: XskSocket | None                              # socket on the VM's port
     qp: QueuePair
+    port_umem: Umem | None = None                       # only if the port could not share `umem`
     retired: list[int] = field(default_factory=list)    # replaced call fds, closed at stop
+
+    def close_sockets(self) -> None:
+        """Unbind the sockets, then unregister the UMEMs: once this returns
+        the kernel writes nothing more into guest memory."""
+        _unbind(self.port, self.xsk, self.port_umem, self.umem)
+
+
+def _unbind(*objs: XskSocket | Umem | None) -> None:
+    """Close sockets and UMEMs in the order given (sockets first); None is skipped."""
+    for o in objs:
+        if o is not None:
+            o.close()
 
 
 class NetBackend:
     """vhost-user virtio-net device over AF_XDP (implements VhostUserDevice)."""
 
     def __init__(self, config: BackendConfig, steering: XskSteering | None = None):
+        if config.pairs < 1:
+            raise UsageError("a backend needs NIC queues or a port (port_ifname and port_pairs)")
         self.config = config
         self.steering = steering
         self.memory: GuestMemory | None = None
@@ -83,8 +114,9 @@ class NetBackend:
         self.protocol = 0
         self._vrings: dict[int, VringState] = {}        # started rings (copies)
         self._pairs: dict[int, _Pair] = {}
+        self.local_macs: list[int] = []                 # u64 MACs of the other VMs on the NIC
         self.counters = [CounterBlock.create(self._counter_path(i))
-                         for i in range(len(config.queues))]
+                         for i in range(config.pairs)]
         self._lock = threading.RLock()
         self.last_pause_ms: float | None = None       # queue pairs stopped, last re-registration
         self.last_register_ms: float | None = None    # mapping + pinning the last table
@@ -100,7 +132,7 @@ class NetBackend:
 
     def device_features(self) -> int:
         f = OFFERED_FEATURES
-        if len(self.config.queues) > 1:
+        if self.config.pairs > 1:
             f |= bit(VirtioFeature.NET_MQ)
         return f
 
@@ -108,7 +140,7 @@ class NetBackend:
         return OFFERED_PROTOCOL
 
     def max_queue_pairs(self) -> int:
-        return len(self.config.queues)
+        return self.config.pairs
 
     def set_features(self, features: int) -> None:
         if not features & bit(VirtioFeature.VERSION_1):
@@ -327,41 +359,84 @@ class NetBackend:
         assert self.memory is not None
         rxv, txv = self._vrings[2 * p], self._vrings[2 * p + 1]
         rx, tx = self._ring_config(rxv), self._ring_config(txv)
-        umem = xsk = qp = None
+        umem = port_umem = xsk = port = qp = None
+        direct = p < len(cfg.queues)
         try:
             umem = self._take_umem()
-            xsk = XskSocket.bind(umem, cfg.ifname, cfg.queues[p], zerocopy=cfg.zerocopy,
-                                 ring_size=cfg.ring_size)
-            per_pair = self.memory.layout.bounce_slots // len(cfg.queues)
+            if direct:
+                xsk = XskSocket.bind(umem, cfg.ifname, cfg.queues[p], zerocopy=cfg.zerocopy,
+                                     ring_size=cfg.ring_size)
+            if cfg.port_ifname:
+                port, port_umem = self._bind_port(p, umem, first=xsk is None)
+            per_pair = self.memory.layout.bounce_slots // cfg.pairs
             ctr = self.counters[p]
             ctr.ptr.rx_broken = 0
             ctr.ptr.tx_broken = 0
             qp = QueuePair(p, self.memory, xsk, rx, tx, self.features, ctr,
                            bounce_first=p * per_pair, bounce_count=per_pair, batch=cfg.batch,
-                           busy_poll_us=cfg.busy_poll_us)
+                           busy_poll_us=cfg.busy_poll_us, port=port, vm_mac=cfg.vm_mac,
+                           port_fill_target=cfg.port_fill_target)
+            qp.set_local_macs(self.local_macs)
             if self.steering is not None:
-                self.steering.set_xsk(cfg.queues[p], xsk.fd)
+                if xsk is not None:
+                    self.steering.set_xsk("nic", cfg.queues[p], xsk.fd)
+                if port is not None:
+                    self.steering.set_xsk("port", p, port.fd)
             qp.start()
         except BaseException:
+            if self.steering is not None and qp is not None:
+                self._clear_steering(p, xsk is not None, port is not None)
             if qp is not None:
                 qp.destroy()
-            if xsk is not None:
-                xsk.close()
-            if umem is not None:
-                umem.close()
+            _unbind(port, xsk, port_umem, umem)
             raise
-        self._pairs[p] = _Pair(umem, xsk, qp)
-        log.info("queue pair %d on %s queue %d: %s mode, rx ring %d, tx ring %d", p, cfg.ifname,
-                 cfg.queues[p], "zero-copy" if xsk.zerocopy else "copy", rx.num, tx.num)
+        self._pairs[p] = _Pair(umem, xsk, port, qp, port_umem)
+        socks = []
+        if xsk is not None:
+            socks.append(f"{cfg.ifname} queue {cfg.queues[p]} "
+                         f"({'zero-copy' if xsk.zerocopy else 'copy'})")
+        if port is not None:
+            socks.append(f"port {cfg.port_ifname} queue {p} "
+                         f"({'shared UMEM' if port.shared else 'own UMEM'})")
+        log.info("queue pair %d on %s: rx ring %d, tx ring %d", p, " + ".join(socks),
+                 rx.num, tx.num)
+
+    def _bind_port(self, p: int, umem: Umem, first: bool) -> tuple[XskSocket, Umem | None]:
+        """Pair ``p``'s socket on the port: on the pair's UMEM (shared with
+        the direct socket, registered once), or on a UMEM of its own if the
+        kernel refuses to share (a zero-copy UMEM and a copy-only port)."""
+        cfg = self.config
+        assert cfg.port_ifname and self.memory is not None
+        if first:
+            return XskSocket.bind(umem, cfg.port_ifname, p, zerocopy=False,
+                                  ring_size=cfg.ring_size), None
+        try:
+            return XskSocket.bind_shared(umem, cfg.port_ifname, p, ring_size=cfg.ring_size), None
+        except SharedUmemError as e:
+            log.warning("queue pair %d: %s; registering guest memory a second time", p, e)
+        own = Umem(self.memory)
+        try:
+            return XskSocket.bind(own, cfg.port_ifname, p, zerocopy=False,
+                                  ring_size=cfg.ring_size), own
+        except BaseException:
+            own.close()
+            raise
+
+    def _clear_steering(self, p: int, direct: bool, port: bool) -> None:
+        """Remove pair ``p``'s XSKMAP entries: no frame is redirected to its sockets."""
+        assert self.steering is not None
+        if direct:
+            self.steering.clear_xsk("nic", self.config.queues[p])
+        if port:
+            self.steering.clear_xsk("port", p)
 
     def _stop_pair(self, p: int) -> tuple[int, int]:
         """Stop pair ``p``; returns (rx, tx) last_avail_idx. Loses no descriptor."""
         pair = self._pairs.pop(p)
         if self.steering is not None:
-            self.steering.clear_xsk(self.config.queues[p])
+            self._clear_steering(p, pair.xsk is not None, pair.port is not None)
         pair.qp.stop()
-        pair.xsk.close()
-        pair.umem.close()           # closes the socket fd: no more writes into guest RAM
+        pair.close_sockets()        # no more writes into guest RAM, on either socket
         rx, tx = pair.qp.quiesce()
         pair.qp.destroy()
         for fd in pair.retired:
@@ -380,6 +455,14 @@ class NetBackend:
     def pair(self, p: int) -> QueuePair | None:
         pr = self._pairs.get(p)
         return pr.qp if pr else None
+
+    def set_local_macs(self, macs: list[int]) -> None:
+        """The other VMs' MACs on the NIC (u64, c/xdpnet.h): tx frames to
+        them leave on the port; kept for pairs started later."""
+        with self._lock:
+            self.local_macs = list(macs)
+            for pr in self._pairs.values():
+                pr.qp.set_local_macs(self.local_macs)
 
     def broken(self) -> list[str]:
         """Human-readable reasons of stopped (NEEDS_RESET) queues."""

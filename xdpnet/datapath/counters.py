@@ -4,6 +4,14 @@ The datapath thread is the only writer of a block; readers (stats, the
 dashboard, the metrics endpoint) take snapshots at any time.  A block
 lives in an ``mmap``: anonymous by default, or a file (e.g. under
 ``/run/xdpnet``) so that another process can map and read it.
+
+The names are the fields of ``struct xn_counters`` (``c/xdpnet.h``, where
+each is described), in order.  A pair with a port socket besides its
+direct one counts both in the totals (``rx_frames``, ``tx_frames``, the
+kernel's statistics and the ring gauges are sums over its sockets); the
+port's share is in ``rx_port_frames``, ``tx_port_frames`` and
+``port_fill_ring_used``.  ``tx_spoofed`` counts tx frames dropped because
+their source MAC was not the VM's.
 """
 
 from __future__ import annotations

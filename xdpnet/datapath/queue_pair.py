@@ -3,7 +3,7 @@
 The thread calls ``xn_qp_run()`` through cffi, which releases the GIL for
 the whole run: all per-frame work happens in C.  Stopping follows the
 order that keeps guest memory safe: stop the loop, drain what the kernel
-already delivered, *then* (caller) unbind the socket so nothing more can
+already delivered, *then* (caller) unbind the sockets so nothing more can
 be written into guest buffers, and only then hand the held descriptors
 back (``quiesce``).
 """
@@ -52,16 +52,36 @@ def _fill_ring(c, r: RingConfig) -> None:
     c.err_fd = -1
 
 
-class QueuePair:
-    """The running datapath of virtqueues (2i, 2i+1) on one XSK socket."""
+def mac_to_u64(mac: bytes) -> int:
+    """The datapath's u64 form of a MAC (c/xdpnet.h): wire-order bytes, little-endian."""
+    if len(mac) != 6:
+        raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
+    return int.from_bytes(bytes(mac) + b"\0\0", "little")
 
-    def __init__(self, index: int, memory: GuestMemory, xsk: XskSocket, rx: RingConfig,
+
+class QueuePair:
+    """The running datapath of virtqueues (2i, 2i+1) on one or two XSK sockets.
+
+    ``xsk`` is the direct socket (a NIC queue), ``port`` the socket on the
+    VM's port device; either may be None, not both.  ``vm_mac`` (u64, see
+    :func:`mac_to_u64`; 0 = no check) is the only source MAC the guest may
+    send from.  ``port_fill_target`` rx buffers (0: min(256, ring / 4)) are
+    kept on the port socket's fill ring when there is a direct socket too.
+    """
+
+    def __init__(self, index: int, memory: GuestMemory, xsk: XskSocket | None, rx: RingConfig,
                  tx: RingConfig, features: int, counters: CounterBlock, *,
                  bounce_first: int, bounce_count: int, batch: int = 64,
-                 busy_poll_us: int = 0):
+                 busy_poll_us: int = 0, port: XskSocket | None = None, vm_mac: int = 0,
+                 port_fill_target: int = 0):
+        if xsk is None and port is None:
+            raise XdpnetError(f"queue pair {index}: needs a direct or a port socket")
         cfg = ffi.new("struct xn_qp_config *")
         cfg.mem = memory.memmap
-        cfg.xsk = xsk.ptr
+        cfg.xsk = xsk.ptr if xsk is not None else ffi.NULL
+        cfg.port_xsk = port.ptr if port is not None else ffi.NULL
+        cfg.vm_mac = vm_mac
+        cfg.port_fill_target = port_fill_target
         _fill_ring(cfg.rx, rx)
         _fill_ring(cfg.tx, tx)
         cfg.features = features
@@ -108,6 +128,15 @@ class QueuePair:
     def set_call_fd(self, ring: int, fd: int) -> None:
         lib.xn_qp_set_call_fd(self.ptr, ring, fd)
 
+    def set_local_macs(self, macs: list[int]) -> None:
+        """Frames to these MACs (u64, :func:`mac_to_u64`: the other VMs on
+        the NIC) leave on the port socket; safe while running."""
+        arr = ffi.new("uint64_t[]", list(macs) or [0])
+        err = lib.xn_qp_set_local_macs(self.ptr, arr, len(macs))
+        if err:
+            raise XdpnetError(f"queue pair {self.index}: {len(macs)} local MACs "
+                              f"(at most {lib.XN_MAX_LOCAL_MACS})")
+
     def stop(self, drain_ms: int = 200) -> int:
         """Stop the loop and drain; returns tx frames left uncompleted."""
         lib.xn_qp_stop(self.ptr)
@@ -117,7 +146,7 @@ class QueuePair:
         return lib.xn_qp_drain(self.ptr, drain_ms)
 
     def quiesce(self) -> tuple[int, int]:
-        """After the socket is gone: settle held descriptors.
+        """After the sockets are gone: settle held descriptors.
 
         Returns (rx last_avail_idx, tx last_avail_idx) for GET_VRING_BASE.
         """

@@ -6,6 +6,13 @@ first socket was bound cannot be re-bound, so stopping and restarting a
 queue pair (GET_VRING_BASE, a new memory table) recreates its UMEM.
 Registration pins guest RAM; a second registration of pages already
 faulted in takes milliseconds.
+
+A pair's second socket (on the VM's port device) shares the pair's UMEM
+(:meth:`XskSocket.bind_shared`, ``XDP_SHARED_UMEM``) with its own fill and
+completion rings, so the memory is registered once per pair.  A shared
+socket inherits the first socket's mode: a zero-copy UMEM cannot be shared
+with a copy-only device (:class:`SharedUmemError`; the caller then
+registers a second UMEM).
 """
 
 from __future__ import annotations
@@ -65,6 +72,10 @@ def probe_zerocopy(ifname: str, queue: int) -> bool:
     return bool(r)
 
 
+class SharedUmemError(XdpnetError):
+    """The UMEM cannot be shared with that device (e.g. zero-copy UMEM, copy-only device)."""
+
+
 def _bind_error(e: int, ifname: str, queue: int) -> XdpnetError:
     if e == errno.EBUSY:
         return BusyError(f"{ifname} queue {queue} is already bound to another AF_XDP socket")
@@ -78,13 +89,14 @@ def _bind_error(e: int, ifname: str, queue: int) -> XdpnetError:
 
 @dataclass
 class XskSocket:
-    """One AF_XDP socket bound on a NIC queue, on a :class:`Umem`."""
+    """One AF_XDP socket bound on a device queue, on a :class:`Umem`."""
 
     ptr: object
     umem: Umem
     ifname: str
     queue: int
     zerocopy: bool
+    shared: bool = False        # bound with XDP_SHARED_UMEM beside the UMEM's first socket
 
     @classmethod
     def bind(cls, umem: Umem, ifname: str, queue: int, *, zerocopy: bool,
@@ -95,6 +107,26 @@ class XskSocket:
         if err:
             raise _bind_error(-err, ifname, queue)
         return cls(out[0], umem, ifname, queue, zerocopy)
+
+    @classmethod
+    def bind_shared(cls, umem: Umem, ifname: str, queue: int, *,
+                    ring_size: int = 2048) -> "XskSocket":
+        """One more socket over ``umem``'s memory, on another device or queue.
+
+        ``umem`` must have a socket already (:meth:`bind`); the new one
+        gets its own fill and completion rings and the first one's mode.
+        Raises :class:`SharedUmemError` if the kernel refuses to share
+        (EOPNOTSUPP, EINVAL, EPROTONOSUPPORT), else the errors of :meth:`bind`.
+        """
+        out = ffi.new("struct xn_xsk **")
+        err = lib.xn_xsk_create_shared(out, umem.ptr, ifname.encode(), queue, ring_size)
+        if -err in (errno.EOPNOTSUPP, errno.EINVAL, errno.EPROTONOSUPPORT):
+            raise SharedUmemError(f"cannot share the UMEM with {ifname} queue {queue}: "
+                                  f"{os.strerror(-err)}")
+        if err:
+            raise _bind_error(-err, ifname, queue)
+        return cls(out[0], umem, ifname, queue, bool(lib.xn_xsk_is_zerocopy(out[0])),
+                   shared=True)
 
     @property
     def fd(self) -> int:
