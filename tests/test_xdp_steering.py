@@ -1,24 +1,29 @@
-"""Kernel tests of the XDP steering program (bpf/xdpnet_steer.c) and
-MacSteering, with real frames.
+"""Kernel tests of the steering programs (bpf/xdpnet_*.c) and NicSteering
+on a one-queue NIC, with real frames and real AF_XDP sockets.
 
-Topology per fixture: a veth pair whose "NIC" end (``xt<random>n``) stays
-in the root namespace, where MacSteering attaches and a real AF_XDP
-socket binds, and whose peer (``xt<random>p``) sits in a private
-namespace (``xtns<random>``), where an AF_PACKET socket sends frames as
-the wire would.  IPv6 is disabled on both ends and no address is set, so
-the only frames on the link are the test's own.  Everything is removed in
-the fixture's ``finally``.
+Topology per fixture: a veth pair whose "NIC" end (``xs<random>n``) stays
+in the root namespace, where NicSteering attaches and AF_XDP sockets bind,
+and whose peer (``xs<random>w``) sits in a private namespace, where an
+AF_PACKET socket sends frames as the wire would.  IPv6 is disabled on
+both ends and no address is set, so the only frames on the link are the
+test's own.  Everything is removed in the fixtures' ``finally``.
 
 What reaches the host stack is observed with an AF_PACKET listener on the
-NIC end (it sees exactly the XDP_PASS frames); what reaches the VM with an
-AF_XDP socket bound to queue 0 and registered with ``set_xsk``.  Each
-check sends a "sentinel" frame that goes to the host after the frames
-under test: when the listener sees it, the frames before it have been
-through the program (one queue, in order).
+NIC end (it sees exactly the XDP_PASS frames); what reaches a VM with
+AF_XDP sockets (:class:`Xsk`, raw syscalls) bound to NIC queue 0 (direct)
+or to the VM's port (``vm.port_ifname``) and registered with
+``set_xsk``.  Each check sends a "sentinel" frame that goes to the host
+after the frames under test: when the listener sees it, the frames before
+it have been through the NIC program (one queue, in order); frames that
+go through a port are waited for.
+
+The multi-VM, multi-queue and multi-process cases are in
+tests/test_steering_multi.py, which reuses the helpers here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import errno
 import mmap
@@ -36,21 +41,27 @@ import pytest
 
 from xdpnet.errors import BusyError, DependencyError, UsageError, XdpnetError
 from xdpnet.net.mac import parse_mac
-from xdpnet.net.netns import Testbed, run_in_netns, socket_in_netns
+from xdpnet.net.netns import Testbed, cleanup_stale, run_in_netns, socket_in_netns
+from xdpnet.net.port import ports_of
 from xdpnet.steering import kheaders
-from xdpnet.steering.xdp import MacSteering, attached_prog_ids
+from xdpnet.steering.nic import NicSteering, read_pinned
+from xdpnet.steering.programs import pin_dir, program_text
+from xdpnet.steering.xdp import attached_prog_ids
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
+PREFIX = "xs"
 VM_MAC = "52:54:00:aa:bb:01"
 OTHER_MAC = "52:54:00:aa:bb:02"
+KEEPER_MAC = "52:54:00:aa:bb:ff"      # keeps a shared NIC loaded between tests
 PEER_MAC = "02:00:00:00:00:99"
 SENTINEL_MAC = "02:00:00:00:00:5e"    # never registered: always to the host
 BCAST = "ff:ff:ff:ff:ff:ff"
 MCAST = "01:00:5e:00:00:fb"
 ETHERTYPE = 0x88B5
 ETH_P_ALL = 0x0003
-VM_ID = 7
+SOL_PACKET, PACKET_QDISC_BYPASS = 263, 20
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sh(*cmd: str, check: bool = True) -> str:
@@ -60,43 +71,88 @@ def sh(*cmd: str, check: bool = True) -> str:
     return r.stdout
 
 
+def delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+@contextlib.contextmanager
+def on_cpu(cpu: int | None):
+    """Run the body on *cpu* (this thread only): a veth sender's CPU picks
+    the queue (AF_PACKET with QDISC_BYPASS: queue = cpu % queues)."""
+    if cpu is None:
+        yield
+        return
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
 # ---------------------------------------------------------------- topology
 
 class Link:
     """A test bed (``nic`` in the root namespace, ``peer`` in ``ns``) with an
-    AF_PACKET sender on the peer and a listener on the NIC."""
+    AF_PACKET sender and listener on the peer and a listener on the NIC."""
 
-    def __init__(self):
+    def __init__(self, queues: int = 1):
+        self.queues = queues
         self.tag = uuid.uuid4().bytes[:4]   # marks this link's frames
         self.seq = 0
 
     def create(self):
-        self.bed = Testbed(queues=1, prefix="xt")
+        cleanup_stale(PREFIX)
+        self.bed = Testbed(queues=self.queues, prefix=PREFIX)
         self.ns, self.nic, self.peer = self.bed.netns, self.bed.nic, self.bed.wire
+        self.nic_ifindex = self.bed.nic_ifindex
         run_in_netns(self.ns, ["ip", "link", "set", self.peer, "address", PEER_MAC], check=True)
+        # frames XDP redirects into the NIC (ndo_xdp_xmit) need NAPI on the peer
+        run_in_netns(self.ns, ["ethtool", "-K", self.peer, "gro", "on"], check=True,
+                     capture_output=True)
         self.tx = socket_in_netns(self.ns, socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self.tx.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
         self.tx.bind((self.peer, 0))
+        self.wire_rx = socket_in_netns(self.ns, socket.AF_PACKET, socket.SOCK_RAW,
+                                       socket.htons(ETH_P_ALL))
+        self.wire_rx.bind((self.peer, 0))
+        self.wire_rx.setblocking(False)
         self.rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self.rx.bind((self.nic, 0))
         self.rx.setblocking(False)
 
     def destroy(self):
-        for s in ("tx", "rx"):
+        for s in ("tx", "rx", "wire_rx"):
             if hasattr(self, s):
                 getattr(self, s).close()
         if hasattr(self, "bed"):
             self.bed.close()
 
     # frames: dst, src, ethertype, link tag (4), seq (4), pattern
-    def frame(self, dst: str, length: int = 100) -> bytes:
+    def frame(self, dst: str, length: int = 100, src: str = PEER_MAC) -> bytes:
         self.seq += 1
-        head = parse_mac(dst) + parse_mac(PEER_MAC) + struct.pack(
+        head = parse_mac(dst) + parse_mac(src) + struct.pack(
             "!H4sI", ETHERTYPE, self.tag, self.seq)
         return head + bytes((self.seq + i) & 0xFF for i in range(length - len(head)))
 
-    def send(self, frames):
-        for f in frames:
-            self.tx.send(f)
+    def send(self, frames, cpu: int | None = None):
+        with on_cpu(cpu):
+            for f in frames:
+                self.tx.send(f)
+
+    def mine(self, data: bytes) -> bool:
+        return len(data) >= 20 and data[12:14] == struct.pack("!H", ETHERTYPE) \
+            and data[14:18] == self.tag
+
+    def _drain(self, sock) -> list[bytes]:
+        got = []
+        while True:
+            try:
+                data, addr = sock.recvfrom(65536)
+            except BlockingIOError:
+                return got
+            if addr[2] != socket.PACKET_OUTGOING and self.mine(data):
+                got.append(data)
 
     def host_frames(self, until: bytes, timeout: float = 3.0) -> list[bytes]:
         """Frames of this link the host stack got, up to and including the
@@ -104,27 +160,25 @@ class Link:
         got, deadline = [], time.monotonic() + timeout
         while time.monotonic() < deadline:
             select.select([self.rx], [], [], 0.05)
-            while True:
-                try:
-                    data, addr = self.rx.recvfrom(65536)
-                except BlockingIOError:
-                    break
-                if addr[2] == socket.PACKET_OUTGOING or not self.mine(data):
-                    continue
-                got.append(data)
-                if data == until:
-                    return got
+            got += self._drain(self.rx)
+            if until in got:
+                return got[:got.index(until) + 1]
         raise AssertionError("sentinel frame never reached the host stack")
 
-    def mine(self, data: bytes) -> bool:
-        return len(data) >= 20 and data[12:14] == struct.pack("!H", ETHERTYPE) \
-            and data[14:18] == self.tag
+    def host_now(self) -> list[bytes]:
+        return self._drain(self.rx)
 
-    def exchange(self, frames, xsk=None) -> tuple[list[bytes], list[bytes]]:
+    def wire_frames(self, settle: float = 0.3) -> list[bytes]:
+        """Frames of this link the wire peer received within *settle* s."""
+        time.sleep(settle)
+        return self._drain(self.wire_rx)
+
+    def exchange(self, frames, xsk=None, cpu: int | None = None
+                 ) -> tuple[list[bytes], list[bytes]]:
         """Send *frames* and a sentinel; (frames the host got, frames the
         XSK got), sentinel excluded."""
         sentinel = self.frame(SENTINEL_MAC, 64)
-        self.send(list(frames) + [sentinel])
+        self.send(list(frames) + [sentinel], cpu)
         host = self.host_frames(sentinel)[:-1]
         vm = xsk.receive() if xsk else []
         return host, [f for f in vm if self.mine(f)]
@@ -132,6 +186,18 @@ class Link:
     def xdp_shown(self) -> bool:
         out = sh("ip", "-d", "link", "show", "dev", self.nic)
         return bool(re.search(r"\bxdp(generic|drv|offload)?\b|prog/xdp", out))
+
+    def tc_shown(self) -> str:
+        return sh("tc", "filter", "show", "dev", self.nic, "ingress").strip() + \
+            sh("tc", "qdisc", "show", "dev", self.nic).replace("noqueue", "").strip()
+
+    def clean(self) -> bool:
+        """Nothing of xdpnet on the NIC: no XDP, no TC, no pins, no ports."""
+        return (attached_prog_ids(self.nic) == {} and not self.xdp_shown()
+                and "clsact" not in sh("tc", "qdisc", "show", "dev", self.nic)
+                and sh("tc", "filter", "show", "dev", self.nic, "ingress").strip() == ""
+                and not os.path.exists(pin_dir(self.nic))
+                and ports_of(self.nic_ifindex) == [])
 
 
 @pytest.fixture
@@ -144,56 +210,37 @@ def link():
         lk.destroy()
 
 
-@pytest.fixture(scope="module")
-def shared():
-    """One link with MacSteering attached (native), shared by the frame
-    tests to compile the program once; each test registers its own VMs."""
-    lk = Link()
-    st = None
-    try:
-        lk.create()
-        st = MacSteering(lk.nic, mode="native")
-        yield lk, st
-    finally:
-        if st is not None:
-            st.detach()
-        lk.destroy()
-
-
-@pytest.fixture
-def steer(shared):
-    lk, st = shared
-    yield lk, st
-    for mac in list(st.vms()):
-        st.remove_vm(mac)
-    st.clear_xsk(0)
-
-
 # ---------------------------------------------------------------- AF_XDP
 
 AF_XDP = 44
 SOL_XDP = 283
-XDP_MMAP_OFFSETS, XDP_RX_RING, XDP_UMEM_REG = 1, 2, 4
+XDP_MMAP_OFFSETS, XDP_RX_RING, XDP_TX_RING, XDP_UMEM_REG = 1, 2, 3, 4
 XDP_UMEM_FILL_RING, XDP_UMEM_COMPLETION_RING, XDP_STATISTICS = 5, 6, 7
-XDP_PGOFF_RX_RING = 0
-XDP_UMEM_PGOFF_FILL_RING = 0x100000000
+XDP_PGOFF_RX_RING, XDP_PGOFF_TX_RING = 0, 0x80000000
+XDP_UMEM_PGOFF_FILL_RING, XDP_UMEM_PGOFF_COMPLETION_RING = 0x100000000, 0x180000000
 XDP_COPY = 1 << 1
 
 
 class Xsk:
-    """A minimal AF_XDP receiver (copy mode) built from raw syscalls:
-    UMEM of 64 chunks of 2048 bytes, fill and rx rings of 64."""
+    """A minimal AF_XDP socket (copy mode) built from raw syscalls: a UMEM
+    of 128 chunks of 2048 bytes (the first 64 on the fill ring, the others
+    for tx), rings of 64."""
 
-    NFRAMES, CHUNK, RING = 64, 2048, 64
+    NFRAMES, CHUNK, RING = 128, 2048, 64
 
     def __init__(self, ifname: str, queue: int = 0):
+        self.ifname, self.queue = ifname, queue
         self.sock = socket.socket(AF_XDP, socket.SOCK_RAW, 0)
         self.maps = []
+        self.tx_next = 0
         try:
             self._setup(ifname, queue)
         except BaseException:
             self.close()
             raise
+
+    def __repr__(self):
+        return f"<Xsk {self.ifname}/{self.queue}>"
 
     def _setup(self, ifname, queue):
         s = self.sock
@@ -203,13 +250,14 @@ class Xsk:
         # struct xdp_umem_reg: addr, len, chunk_size, headroom, flags, tx_metadata_len
         s.setsockopt(SOL_XDP, XDP_UMEM_REG, struct.pack(
             "QQIIII", addr, len(self.umem), self.CHUNK, 0, 0, 0))
-        for opt in (XDP_UMEM_FILL_RING, XDP_UMEM_COMPLETION_RING, XDP_RX_RING):
+        for opt in (XDP_UMEM_FILL_RING, XDP_UMEM_COMPLETION_RING, XDP_RX_RING, XDP_TX_RING):
             s.setsockopt(SOL_XDP, opt, self.RING)
         off = struct.unpack("16Q", s.getsockopt(SOL_XDP, XDP_MMAP_OFFSETS, 128))
-        rx_off, fr_off = off[0:4], off[8:12]    # producer, consumer, desc, flags
-        self.rx = self._ring(XDP_PGOFF_RX_RING, rx_off, 16)
-        self.fr = self._ring(XDP_UMEM_PGOFF_FILL_RING, fr_off, 8)
-        # post every chunk on the fill ring
+        # producer, consumer, desc, flags of: rx, tx, fill, completion
+        self.rx = self._ring(XDP_PGOFF_RX_RING, off[0:4], 16)
+        self.tx = self._ring(XDP_PGOFF_TX_RING, off[4:8], 16)
+        self.fr = self._ring(XDP_UMEM_PGOFF_FILL_RING, off[8:12], 8)
+        self.cr = self._ring(XDP_UMEM_PGOFF_COMPLETION_RING, off[12:16], 8)
         prod = self._get(self.fr, 0)
         for i in range(self.RING):
             struct.pack_into("Q", self.fr["map"], self.fr["desc"] + ((prod + i) % self.RING) * 8,
@@ -259,6 +307,30 @@ class Xsk:
         self._set(self.fr, 0, fprod)
         return out
 
+    def send(self, frames: list[bytes]) -> None:
+        """Put *frames* on the tx ring (chunks 64..127, round robin) and
+        kick the kernel; completions are reaped."""
+        prod = self._get(self.tx, 0)
+        for f in frames:
+            chunk = (self.NFRAMES // 2 + self.tx_next % (self.NFRAMES // 2)) * self.CHUNK
+            self.tx_next += 1
+            self.umem[chunk:chunk + len(f)] = f
+            struct.pack_into("QII", self.tx["map"], self.tx["desc"] + (prod % self.RING) * 16,
+                             chunk, len(f), 0)
+            prod += 1
+        self._set(self.tx, 0, prod)
+        for _ in range(100):
+            try:
+                self.sock.send(b"", socket.MSG_DONTWAIT)
+            except (BlockingIOError, OSError) as e:
+                if getattr(e, "errno", None) not in (errno.EAGAIN, errno.EBUSY, errno.ENOBUFS):
+                    raise
+            if self._get(self.tx, 1) == prod:
+                break
+            time.sleep(0.005)
+        cprod = self._get(self.cr, 0)
+        self._set(self.cr, 1, cprod)            # completions: nothing to reuse
+
     def rx_dropped(self) -> int:
         return struct.unpack("6Q", self.sock.getsockopt(SOL_XDP, XDP_STATISTICS, 48))[0]
 
@@ -272,32 +344,93 @@ class Xsk:
             self.umem.close()
 
 
-@pytest.fixture
-def xsk(steer):
-    lk, st = steer
-    x = Xsk(lk.nic, 0)
+def gather(link: Link, xsks, count: int, timeout: float = 2.0, settle: float = 0.2
+           ) -> dict:
+    """Frames of *link* each of *xsks* receives, waiting until *count* in
+    total arrived (or *timeout*), then *settle* s more for strays."""
+    got = {x: [] for x in xsks}
+    deadline = time.monotonic() + timeout
+    while True:
+        for x in xsks:
+            got[x] += [f for f in x.receive() if link.mine(f)]
+        n = sum(map(len, got.values()))
+        if n >= count or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    time.sleep(settle)
+    for x in xsks:
+        got[x] += [f for f in x.receive() if link.mine(f)]
+    return got
+
+
+# ---------------------------------------------------------------- shared NIC
+
+@pytest.fixture(scope="module")
+def shared():
+    """One link with NicSteering (native) and a keeper VM that keeps the
+    programs loaded between tests (the last VM out removes them); each test
+    adds its own VMs."""
+    lk = Link()
+    nic = None
     try:
-        st.set_xsk(0, x.fileno())
-        yield x
+        lk.create()
+        nic = NicSteering(lk.nic, mode="native")
+        nic.add_vm(KEEPER_MAC, 1518, (), 1)
+        yield lk, nic
     finally:
-        st.clear_xsk(0)
-        x.close()
+        if nic is not None:
+            nic.close()
+        lk.destroy()
 
 
-def delta(before: dict, after: dict) -> dict:
-    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+class VmSockets:
+    """A VM on the shared NIC with its direct socket (NIC queue 0) and its
+    port socket (port queue 0), both registered."""
+
+    def __init__(self, lk: Link, nic: NicSteering, mac: str, max_frame: int = 1518,
+                 direct: bool = True, sockets: bool = True):
+        self.vm = nic.add_vm(mac, max_frame, (0,) if direct else (), 1)
+        self.direct = self.port = None
+        try:
+            if sockets:
+                self.port = Xsk(self.vm.port_ifname, 0)
+                self.vm.set_xsk("port", 0, self.port.fileno())
+                if direct:
+                    self.direct = Xsk(lk.nic, 0)
+                    self.vm.set_xsk("nic", 0, self.direct.fileno())
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        for kind, x in (("nic", self.direct), ("port", self.port)):
+            if x is not None:
+                self.vm.clear_xsk(kind, 0)
+                x.close()
+        self.vm.remove()
+
+
+@pytest.fixture
+def vm(shared):
+    lk, nic = shared
+    v = VmSockets(lk, nic, VM_MAC)
+    try:
+        yield lk, nic, v
+    finally:
+        v.close()
 
 
 # ---------------------------------------------------------------- tests: usage
 
 def test_unknown_interface():
-    with pytest.raises(UsageError, match="interface 'xtnosuch0' not found"):
-        MacSteering("xtnosuch0")
+    with pytest.raises(UsageError, match="interface 'xsnosuch0' not found"):
+        NicSteering("xsnosuch0")
 
 
 def test_unknown_mode(link):
     with pytest.raises(UsageError, match="mode"):
-        MacSteering(link.nic, mode="turbo")
+        NicSteering(link.nic, mode="turbo")
+    assert link.clean()
 
 
 @pytest.mark.parametrize("bad", ["52:54:00:aa:bb", "52:54:00:aa:bb:zz", "525400aabb01",
@@ -312,145 +445,204 @@ def test_parse_mac():
     assert parse_mac("52-54-00-aa-bb-01") == bytes.fromhex("525400aabb01")
 
 
-def test_add_vm_validation(steer):
-    lk, st = steer
-    with pytest.raises(UsageError, match="malformed MAC"):
-        st.add_vm(VM_ID, "52:54:00:aa:bb", 1518)
-    with pytest.raises(UsageError, match="multicast"):
-        st.add_vm(VM_ID, MCAST, 1518)
+def test_program_text_inlines_the_header_once():
+    text = program_text()
+    assert text.count("#define XDPNET_MAPS_H") == 1
+    for fn in ("xdpnet_nic(", "xdpnet_flood(", "xdpnet_port_rx(", "xdpnet_port_tx("):
+        assert text.count(f"int {fn}") == 1
+
+
+def test_add_vm_validation(shared):
+    lk, nic = shared
+    before = (nic.vms(), ports_of(lk.nic_ifindex), sorted(os.listdir(nic.pin_dir)))
+    for args, err, msg in (
+            (("52:54:00:aa:bb", 1518, (0,), 1), UsageError, "malformed MAC"),
+            ((MCAST, 1518, (0,), 1), UsageError, "multicast"),
+            (("00:00:00:00:00:00", 1518, (0,), 1), UsageError, "not a VM's MAC"),
+            ((VM_MAC, 0, (0,), 1), UsageError, "max_frame"),
+            ((VM_MAC, 1518, (1,), 1), UsageError, "out of range"),    # 1 queue
+            ((VM_MAC, 1518, (0, 0), 2), UsageError, "repeat"),
+            ((VM_MAC, 1518, (), 0), UsageError, "NIC queues or port pairs"),
+            ((VM_MAC, 1518, (0,), 9), UsageError, "port pairs"),
+            ((KEEPER_MAC, 1518, (0,), 1), BusyError, "already attached")):
+        with pytest.raises(err, match=msg):
+            nic.add_vm(*args)
     with pytest.raises(UsageError, match="VM id"):
-        st.add_vm(64, VM_MAC, 1518)
-    with pytest.raises(UsageError, match="max_frame"):
-        st.add_vm(VM_ID, VM_MAC, 0)
-    with pytest.raises(UsageError, match="queue"):
-        st.set_xsk(64, 3)
+        nic.add_vm(VM_MAC, 1518, (0,), 1, vm_id=64)
+    keeper = next(v for v in nic.vms() if v.mac == KEEPER_MAC)
+    with pytest.raises(BusyError, match="taken"):
+        nic.add_vm(VM_MAC, 1518, (0,), 1, vm_id=keeper.vm_id)
+    # nothing half-done: same VMs, ports and pins
+    assert (nic.vms(), ports_of(lk.nic_ifindex), sorted(os.listdir(nic.pin_dir))) == before
+
+
+def test_set_xsk_validation(vm):
+    lk, nic, v = vm
+    with pytest.raises(UsageError, match="not one of"):
+        v.vm.set_xsk("nic", 1, v.direct.fileno())
+    with pytest.raises(UsageError, match="port queue"):
+        v.vm.set_xsk("port", 1, v.port.fileno())
+    with pytest.raises(UsageError, match="kind"):
+        v.vm.set_xsk("wire", 0, v.port.fileno())
     with pytest.raises(UsageError, match="not a bound AF_XDP socket"):
-        st.set_xsk(0, lk.rx.fileno())
-    st.add_vm(VM_ID, VM_MAC, 1518)
-    st.add_vm(VM_ID, OTHER_MAC, 1000)          # a second MAC of the same VM
-    with pytest.raises(BusyError, match="one VM per interface"):
-        st.add_vm(VM_ID + 1, "52:54:00:aa:bb:03", 1518)
-    assert {m: (e.vm_id, e.max_frame) for m, e in st.vms().items()} == {
-        VM_MAC: (VM_ID, 1518), OTHER_MAC: (VM_ID, 1000)}
-    assert st.remove_vm(OTHER_MAC) is True
-    assert st.remove_vm(OTHER_MAC) is False
+        v.vm.set_xsk("nic", 0, lk.rx.fileno())
 
 
 # ---------------------------------------------------------------- tests: frames
 
-def test_vm_mac_without_socket_goes_to_host(steer):
-    lk, st = steer
-    st.add_vm(VM_ID, VM_MAC, 1518)
-    frames = [lk.frame(VM_MAC, 100) for _ in range(5)]
-    before = st.verdict_counters()
-    host, _ = lk.exchange(frames)
-    assert host == frames                       # XDP_PASS: the host got them
-    assert delta(before, st.verdict_counters()) == {"no_socket": 5, "to_host": 1}
-    assert st.vm_counters(VM_ID)["frames"] == 0
+def test_vm_mac_without_socket_goes_to_host(shared):
+    lk, nic = shared
+    v = VmSockets(lk, nic, VM_MAC, sockets=False)
+    try:
+        frames = [lk.frame(VM_MAC, 100) for _ in range(5)]
+        before = nic.verdict_counters()
+        host, _ = lk.exchange(frames)
+        assert host == frames                       # XDP_PASS: the host got them
+        assert delta(before, nic.verdict_counters()) == {"no_socket": 5, "to_host": 1}
+        assert nic.vm_counters(v.vm.vm_id)["direct_frames"] == 0
+    finally:
+        v.close()
 
 
-def test_vm_mac_to_xsk(steer, xsk):
-    lk, st = steer
-    st.add_vm(VM_ID, VM_MAC, 1518)
+def test_vm_mac_to_xsk_direct(vm):
+    lk, nic, v = vm
     frames = [lk.frame(VM_MAC, n) for n in (60, 100, 1000, 1514)]
-    before = st.verdict_counters()
-    host, vm = lk.exchange(frames, xsk)
+    before = nic.verdict_counters()
+    host, got = lk.exchange(frames, v.direct)
     assert host == []                           # not a single one reached the host
-    assert vm == frames                         # every byte, in order
-    assert delta(before, st.verdict_counters()) == {"to_vm": 4, "to_host": 1}
-    assert st.vm_counters(VM_ID) == {"frames": 4, "bytes": sum(map(len, frames)),
-                                     "too_large": 0}
+    assert got == frames                        # every byte, in order
+    assert v.port.receive() == []
+    assert delta(before, nic.verdict_counters()) == {"to_vm": 4, "to_host": 1}
+    c = nic.vm_counters(v.vm.vm_id)
+    assert (c["direct_frames"], c["direct_bytes"]) == (4, sum(map(len, frames)))
 
 
-def test_unknown_unicast_goes_to_host(steer, xsk):
-    lk, st = steer
-    st.add_vm(VM_ID, VM_MAC, 1518)
+def test_port_only_vm_gets_its_unicast_through_its_port(shared):
+    lk, nic = shared
+    v = VmSockets(lk, nic, OTHER_MAC, direct=False)
+    try:
+        frames = [lk.frame(OTHER_MAC, n) for n in (64, 700, 1514)]
+        before = nic.verdict_counters()
+        host, _ = lk.exchange(frames)
+        got = gather(lk, [v.port], 3)[v.port]
+        assert host == [] and got == frames
+        assert delta(before, nic.verdict_counters()) == {"to_port": 3, "port_rx": 3,
+                                                         "to_host": 1}
+        c = nic.vm_counters(v.vm.vm_id)
+        assert (c["port_frames"], c["port_bytes"]) == (3, sum(map(len, frames)))
+    finally:
+        v.close()
+
+
+def test_unknown_unicast_goes_to_host(vm):
+    lk, nic, v = vm
     frames = [lk.frame("52:54:00:00:00:42", 200) for _ in range(3)]
-    before = st.verdict_counters()
-    host, vm = lk.exchange(frames, xsk)
-    assert host == frames and vm == []
-    assert delta(before, st.verdict_counters()) == {"to_host": 4}
+    before = nic.verdict_counters()
+    host, got = lk.exchange(frames, v.direct)
+    assert host == frames and got == []
+    assert delta(before, nic.verdict_counters()) == {"to_host": 4}
 
 
-def test_broadcast_and_multicast_to_vm(steer, xsk):
-    lk, st = steer
-    st.add_vm(VM_ID, VM_MAC, 1518)
+def test_broadcast_and_multicast_reach_host_and_every_vm(vm):
+    lk, nic, v = vm
     bc = [lk.frame(BCAST, 80) for _ in range(3)]
     mc = [lk.frame(MCAST, 90) for _ in range(2)]
-    before = st.verdict_counters()
-    host, vm = lk.exchange(bc + mc, xsk)
-    assert host == [] and vm == bc + mc
-    assert delta(before, st.verdict_counters()) == {"broadcast": 3, "multicast": 2,
-                                                    "to_host": 1}
-    assert st.vm_counters(VM_ID)["frames"] == 5
+    before = nic.verdict_counters()
+    host, direct = lk.exchange(bc + mc, v.direct)
+    assert host == bc + mc                      # the host keeps its broadcast
+    assert direct == []
+    got = gather(lk, [v.port], 5)[v.port]
+    assert got == bc + mc                       # and the VM gets a copy on its port
+    # the keeper VM runs no socket: no copy for it
+    assert delta(before, nic.verdict_counters()) == {
+        "broadcast": 3, "multicast": 2, "to_host": 1, "flooded": 5, "port_rx": 5}
+    assert nic.vm_counters(v.vm.vm_id)["flood_frames"] == 5
 
 
-def test_broadcast_without_vm_goes_to_host(steer, xsk):
-    lk, st = steer
-    frames = [lk.frame(BCAST, 80), lk.frame(MCAST, 80)]
-    before = st.verdict_counters()
-    host, vm = lk.exchange(frames, xsk)
-    assert host == frames and vm == []
-    assert delta(before, st.verdict_counters()) == {"to_host": 3}
+def test_too_large_dropped(shared):
+    lk, nic = shared
+    v = VmSockets(lk, nic, VM_MAC, max_frame=500)
+    try:
+        big = [lk.frame(VM_MAC, 1400), lk.frame(VM_MAC, 501)]
+        fits = lk.frame(VM_MAC, 500)
+        bc_big = lk.frame(BCAST, 1400)
+        before = nic.verdict_counters()
+        host, got = lk.exchange(big + [fits, bc_big], v.direct)
+        assert got == [fits]                    # dropped: neither host nor VM
+        assert host == [bc_big]                 # the host takes any size
+        assert gather(lk, [v.port], 0, timeout=0)[v.port] == []
+        d = delta(before, nic.verdict_counters())
+        assert d == {"too_large": 2, "to_vm": 1, "to_host": 1, "broadcast": 1,
+                     "flood_too_large": 1}
+        assert nic.vm_counters(v.vm.vm_id)["too_large"] == 3
+        assert v.direct.rx_dropped() == 0       # the program dropped them, not the kernel
+    finally:
+        v.close()
 
 
-def test_too_large_dropped(steer, xsk):
-    lk, st = steer
-    st.add_vm(VM_ID, VM_MAC, 500)
-    big = [lk.frame(VM_MAC, 1400), lk.frame(VM_MAC, 501), lk.frame(BCAST, 1400)]
-    fits = lk.frame(VM_MAC, 500)
-    before = st.verdict_counters()
-    host, vm = lk.exchange(big + [fits], xsk)
-    assert host == [] and vm == [fits]          # dropped: neither host nor VM
-    assert delta(before, st.verdict_counters()) == {"too_large": 3, "to_vm": 1,
-                                                    "to_host": 1}
-    assert st.vm_counters(VM_ID) == {"frames": 1, "bytes": 500, "too_large": 3}
-    assert xsk.rx_dropped() == 0                # the program dropped them, not the kernel
-
-
-def test_flood_limit_is_smallest_max_frame(steer, xsk):
-    lk, st = steer
-    st.add_vm(VM_ID, VM_MAC, 1518)
-    st.add_vm(VM_ID, OTHER_MAC, 300)
-    before = st.verdict_counters()
-    host, vm = lk.exchange([lk.frame(BCAST, 400), lk.frame(VM_MAC, 400)], xsk)
-    assert len(vm) == 1 and vm[0][:6] == parse_mac(VM_MAC)
-    assert delta(before, st.verdict_counters()) == {"too_large": 1, "to_vm": 1,
-                                                    "to_host": 1}
-    st.remove_vm(OTHER_MAC)                     # back to 1518
-    before = st.verdict_counters()
-    lk.exchange([lk.frame(BCAST, 400)], xsk)
-    assert delta(before, st.verdict_counters()) == {"broadcast": 1, "to_host": 1}
-
-
-def test_remove_vm_and_clear_xsk(steer, xsk):
-    lk, st = steer
-    st.add_vm(VM_ID, VM_MAC, 1518)
-    st.clear_xsk(0)
-    st.clear_xsk(0)                             # idempotent
+def test_clear_xsk_and_remove_vm(vm):
+    lk, nic, v = vm
+    v.vm.clear_xsk("nic", 0)
+    v.vm.clear_xsk("nic", 0)                    # idempotent
     f = lk.frame(VM_MAC, 100)
-    before = st.verdict_counters()
-    assert lk.exchange([f], xsk) == ([f], [])
-    assert delta(before, st.verdict_counters()) == {"no_socket": 1, "to_host": 1}
-    st.set_xsk(0, xsk.fileno())
-    st.remove_vm(VM_MAC)
-    before = st.verdict_counters()
-    assert lk.exchange([f], xsk) == ([f], [])
-    assert delta(before, st.verdict_counters()) == {"to_host": 2}
+    before = nic.verdict_counters()
+    host, got = lk.exchange([f], v.direct)
+    # no direct socket: through the port instead
+    assert host == [] and got == []
+    assert gather(lk, [v.port], 1)[v.port] == [f]
+    assert delta(before, nic.verdict_counters()) == {"to_port": 1, "port_rx": 1, "to_host": 1}
+    v.vm.clear_xsk("port", 0)
+    before = nic.verdict_counters()
+    assert lk.exchange([f], v.direct) == ([f], [])
+    assert delta(before, nic.verdict_counters()) == {"no_socket": 1, "to_host": 1}
+    v.vm.set_xsk("nic", 0, v.direct.fileno())
+    port = v.vm.port_ifname
+    v.vm.remove()
+    assert not os.path.exists(f"/sys/class/net/{port}")
+    assert VM_MAC not in [x.mac for x in nic.vms()]
+    before = nic.verdict_counters()
+    assert lk.exchange([f], v.direct) == ([f], [])
+    assert delta(before, nic.verdict_counters()) == {"to_host": 2}
+    v.vm.clear_xsk("nic", 0)                    # a removed VM: no-op
+    v.vm.remove()                               # idempotent
+
+
+def test_read_pinned_without_loading(vm):
+    lk, nic, v = vm
+    f = lk.frame(VM_MAC, 100)
+    lk.exchange([f], v.direct)
+    code = ("import json, sys\nfrom xdpnet.steering.nic import read_pinned\n"
+            f"r = read_pinned({lk.nic!r})\n"
+            "print(json.dumps(r))\nprint('bcc' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    import json
+    out, bcc_loaded = r.stdout.splitlines()
+    state = json.loads(out)
+    assert bcc_loaded == "False"                # nothing compiled or loaded
+    assert state["xdp_mode"] == "native" and state["nic_ifindex"] == lk.nic_ifindex
+    assert state["verdicts"] == nic.verdict_counters()
+    mine = state["vms"][str(v.vm.vm_id)]
+    assert mine["mac"] == VM_MAC and mine["nic_queues"] == [0] and mine["owner_alive"]
+    assert mine["port_ifname"] == v.vm.port_ifname
+    assert mine["counters"]["direct_frames"] == nic.vm_counters(v.vm.vm_id)["direct_frames"]
+    with pytest.raises(UsageError, match="no xdpnet steering"):
+        read_pinned("xsnosuch0")
 
 
 # ---------------------------------------------------------------- tests: attach
 
-def test_second_steering_is_busy(shared):
-    lk, st = shared
+def test_second_handle_joins_and_conflicting_mode_is_busy(shared):
+    lk, nic = shared
     ids = attached_prog_ids(lk.nic)
-    with pytest.raises(BusyError) as ei:
-        MacSteering(lk.nic, mode="native")
-    assert lk.nic in str(ei.value)
-    assert f"ip link set dev {lk.nic} xdp off" in str(ei.value)
-    with pytest.raises(BusyError):
-        MacSteering(lk.nic, mode="generic")
-    assert attached_prog_ids(lk.nic) == ids     # ours untouched
+    with NicSteering(lk.nic, mode="auto") as other:
+        assert not other.loaded and other.compile_seconds == 0
+        assert other.prog_ids() == nic.prog_ids()       # the same programs, not a copy
+        assert other.xdp_mode == "native"
+    assert attached_prog_ids(lk.nic) == ids             # closing a joiner left them
+    with pytest.raises(BusyError, match="native XDP mode"):
+        NicSteering(lk.nic, mode="generic")
+    assert attached_prog_ids(lk.nic) == ids
 
 
 def _foreign_program():
@@ -477,86 +669,124 @@ def test_never_replaces_or_detaches_foreign_program(link):
         bcc.BPF.attach_xdp(link.nic.encode(), fn, 1 << 2)
         foreign = attached_prog_ids(link.nic)
         with pytest.raises(BusyError, match=f"ip link set dev {link.nic} xdp off"):
-            MacSteering(link.nic, mode="native")
+            NicSteering(link.nic, mode="native")
         with pytest.raises(BusyError):
-            MacSteering(link.nic, mode="auto")
+            NicSteering(link.nic, mode="auto")
         assert attached_prog_ids(link.nic) == foreign
+        assert not os.path.exists(pin_dir(link.nic))    # nothing pinned either
         bcc.BPF.remove_xdp(link.nic.encode(), 1 << 2)
 
-        # ours attached, then someone force-replaces it: our detach must
-        # leave their program alone
-        st = MacSteering(link.nic, mode="native")
+        # ours attached, then someone force-replaces it: our teardown must
+        # leave their program alone (and still remove everything of ours)
+        st = NicSteering(link.nic, mode="native")
+        st.add_vm(VM_MAC, 1518, (0,), 1)
         ours = attached_prog_ids(link.nic)
         bcc.BPF.attach_xdp(link.nic.encode(), fn, 1 << 2)            # no NOEXIST: replaces
         foreign = attached_prog_ids(link.nic)
         assert foreign != ours
-        st.detach()
+        st.close()
         assert attached_prog_ids(link.nic) == foreign
+        assert not os.path.exists(pin_dir(link.nic)) and ports_of(link.nic_ifindex) == []
     finally:
         bcc.BPF.remove_xdp(link.nic.encode(), 1 << 2)
         b.cleanup()
 
 
-def test_detach(link):
-    with MacSteering(link.nic, mode="native") as st:
-        assert st.xdp_mode == "native" and st.attached
-        assert link.xdp_shown()
-        assert set(attached_prog_ids(link.nic)) == {"native"}
-        st.add_vm(VM_ID, VM_MAC, 1518)
-    assert not st.attached
-    assert not link.xdp_shown() and attached_prog_ids(link.nic) == {}
-    st.detach()                                 # idempotent
-    st.close()
-    with pytest.raises(XdpnetError, match="detached"):
+def test_last_vm_out_removes_everything(link):
+    with NicSteering(link.nic, mode="native") as st:
+        assert st.xdp_mode == "native" and st.loaded
+        assert link.xdp_shown() and set(attached_prog_ids(link.nic)) == {"native"}
+        assert "xdpnet_flood" in sh("tc", "filter", "show", "dev", link.nic, "ingress")
+        assert sorted(os.listdir(st.pin_dir)) == sorted(
+            ["vm_macs", "vms", "nic_xsks", "port_xsks", "egress", "port_vm", "config",
+             "verdicts", "vm_stats", "prog_nic", "prog_flood", "prog_port_rx", "prog_port_tx"])
+        a = st.add_vm(VM_MAC, 1518, (0,), 1)
+        b = st.add_vm(OTHER_MAC, 1518, (), 2)
+        assert sh("ip", "-d", "link", "show", "dev", b.port_ifname).count("xdp") >= 1
+        assert "numrxqueues 2" in sh("ip", "-d", "link", "show", "dev", b.port_ifname)
+        a.remove()
+        assert os.path.isdir(st.pin_dir) and link.xdp_shown()      # b is still there
+        b.remove()
+        assert link.clean()                     # the last VM out removed it all
+    assert st.closed
+    assert link.clean()
+    st.close()                                  # idempotent
+    with pytest.raises(XdpnetError, match="closed"):
         st.verdict_counters()
     # and it can be attached again afterwards
-    st2 = MacSteering(link.nic, mode="native")
-    st2.close()
-    assert not link.xdp_shown()
+    with NicSteering(link.nic, mode="native") as st2:
+        assert st2.loaded
+    assert link.clean()
+
+
+def test_open_and_close_without_vm_leaves_nothing(link):
+    NicSteering(link.nic, mode="native").close()
+    assert link.clean()
 
 
 def test_generic_mode(link):
-    st = MacSteering(link.nic, mode="generic")
-    x = None
+    st = NicSteering(link.nic, mode="generic")
+    v = w = None
     try:
         assert st.xdp_mode == "generic"
         assert set(attached_prog_ids(link.nic)) == {"generic"}
         assert "xdpgeneric" in sh("ip", "-d", "link", "show", "dev", link.nic)
-        st.add_vm(VM_ID, VM_MAC, 500)
-        x = Xsk(link.nic, 0)
-        st.set_xsk(0, x.fileno())
+        v = VmSockets(link, st, VM_MAC, max_frame=500)
+        w = VmSockets(link, st, OTHER_MAC, direct=False)
         ok = [link.frame(VM_MAC, 100), link.frame(BCAST, 64)]
         other = link.frame("52:54:00:00:00:42", 100)
         big = link.frame(VM_MAC, 1400)
+        to_w = link.frame(OTHER_MAC, 300)
         before = st.verdict_counters()
-        host, vm = link.exchange(ok + [other, big], x)
-        assert vm == ok and host == [other]
+        host, got = link.exchange(ok + [other, big, to_w], v.direct)
+        assert got == ok[:1] and host == [ok[1], other]
+        ports = gather(link, [v.port, w.port], 3)
+        assert ports[v.port] == [ok[1]] and ports[w.port] == [ok[1], to_w]
         assert delta(before, st.verdict_counters()) == {
-            "to_vm": 1, "broadcast": 1, "to_host": 2, "too_large": 1}
+            "to_vm": 1, "broadcast": 1, "to_host": 2, "too_large": 1, "to_port": 1,
+            "flooded": 2, "port_rx": 3}
     finally:
-        if x:
-            st.clear_xsk(0)
-            x.close()
-        st.detach()
-    assert not link.xdp_shown()
+        for x in (v, w):
+            if x:
+                x.close()
+        st.close()
+    assert link.clean()
 
 
 def test_auto_mode(link):
-    with MacSteering(link.nic, mode="auto") as st:
+    with NicSteering(link.nic, mode="auto") as st:
         assert st.xdp_mode == "native" and st.notice is None
     # a bridge has no native XDP: auto falls back to generic, with a notice
-    br = f"xt{uuid.uuid4().hex[:8]}b"
+    br = f"{PREFIX}{uuid.uuid4().hex[:8]}b"
     sh("ip", "link", "add", br, "type", "bridge")
     try:
         with pytest.raises(XdpnetError, match="native"):
-            MacSteering(br, mode="native")
-        with MacSteering(br, mode="auto") as st:
+            NicSteering(br, mode="native")
+        assert not os.path.exists(pin_dir(br))
+        with NicSteering(br, mode="auto") as st:
             assert st.xdp_mode == "generic"
             assert st.notice and "generic" in st.notice
             assert set(attached_prog_ids(br)) == {"generic"}
-        assert attached_prog_ids(br) == {}
+        assert attached_prog_ids(br) == {} and not os.path.exists(pin_dir(br))
     finally:
         sh("ip", "link", "del", br, check=False)
+
+
+def test_join_repairs_a_program_detached_by_hand(link):
+    """Someone ran ``ip link set dev NIC xdp off`` and removed the clsact
+    qdisc: the next process to open the NIC attaches the pinned programs
+    again (no second copy is loaded)."""
+    with NicSteering(link.nic, mode="native") as st:
+        st.add_vm(VM_MAC, 1518, (), 1)
+        ids = st.prog_ids()
+        sh("ip", "link", "set", "dev", link.nic, "xdpdrv", "off")
+        sh("tc", "qdisc", "del", "dev", link.nic, "clsact")
+        assert attached_prog_ids(link.nic) == {}
+        with NicSteering(link.nic) as other:
+            assert not other.loaded and other.prog_ids() == ids
+        assert attached_prog_ids(link.nic) == {"native": ids["nic"]}
+        assert "xdpnet_flood" in sh("tc", "filter", "show", "dev", link.nic, "ingress")
+    assert link.clean()
 
 
 # ---------------------------------------------------------------- tests: kheaders
@@ -602,19 +832,18 @@ def test_kheaders_missing(tmp_path, monkeypatch):
 
 
 def test_missing_bcc_is_dependency_error(monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "bcc", None)    # import fails
+    monkeypatch.setitem(sys.modules, "bcc", None)    # import fails
     with pytest.raises(DependencyError, match="python3-bpfcc.*tools/setup"):
         kheaders.import_bcc()
 
 
 def test_unprivileged_is_privilege_error(link):
-    code = ("from xdpnet.steering.xdp import MacSteering\n"
+    code = ("from xdpnet.steering.nic import NicSteering\n"
             "from xdpnet.errors import PrivilegeError\n"
-            f"try:\n    MacSteering({link.nic!r})\n"
+            f"try:\n    NicSteering({link.nic!r})\n"
             "except PrivilegeError as e:\n    print('PRIV', e.exit_code)\n")
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                         "--inh-caps=-all", sys.executable,
-                        "-c", code], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                        "-c", code], capture_output=True, text=True, cwd=REPO)
     assert "PRIV 3" in r.stdout, r.stderr
-    assert not link.xdp_shown()
+    assert link.clean()

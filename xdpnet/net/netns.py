@@ -322,7 +322,8 @@ class Testbed:
     wire end created directly inside the netns), then sets both MTUs,
     brings both ends and the netns's ``lo`` up and turns tx checksum
     offload off on the wire end (``ethtool -K <wire> tx off``, so the
-    frames it sends carry complete checksums, as on a real wire).  IPv6
+    frames it sends carry complete checksums, as on a real wire) and GRO
+    on (NAPI, so frames XDP-redirected into the NIC end reach it).  IPv6
     is disabled on both ends unless *ipv6* is true, so that no router
     solicitations or MLD reports mix with test traffic.  *wire_addr*
     (e.g. ``"10.77.0.1/24"``) is assigned to the wire end if given.
@@ -423,14 +424,18 @@ class Testbed:
         self.wire_mac = ipr.link("get", index=self.wire_ifindex)[0].get("IFLA_ADDRESS")
 
     def _ethtool_tx_off(self) -> None:
-        """``ethtool -K <wire> tx off`` inside the netns."""
+        """``ethtool -K <wire> tx off gro on`` inside the netns.
+
+        ``gro on`` gives the wire end NAPI, without which a veth drops the
+        frames XDP redirects into its peer (``ndo_xdp_xmit``): what xdpnet
+        sends from a VM's port to the NIC.  A real NIC needs nothing."""
         try:
-            r = run_in_netns(self.netns, ["ethtool", "-K", self.wire, "tx", "off"],
+            r = run_in_netns(self.netns, ["ethtool", "-K", self.wire, "tx", "off", "gro", "on"],
                              capture_output=True, text=True)
         except FileNotFoundError:
             raise DependencyError("ethtool (or ip) not found: install iproute2 and ethtool") from None
         if r.returncode != 0:
-            raise XdpnetError(f"ethtool -K {self.wire} tx off failed: {r.stderr.strip()}")
+            raise XdpnetError(f"ethtool -K {self.wire} tx off gro on failed: {r.stderr.strip()}")
 
     # -- removal
 
