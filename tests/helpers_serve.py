@@ -29,7 +29,7 @@ def xdpnet_cmd(*args: str) -> list[str]:
     """argv running the repo's xdpnet entry point (the venv script if present)."""
     if os.path.exists(XDPNET):
         return [XDPNET, *args]
-    return [sys.executable, "-m", "xdpnet.cli", *args]
+    return [sys.executable, "-m", "xdpnet", *args]
 
 
 def run_xdpnet(*args: str, timeout: float = 60, prefix: list[str] | None = None,
@@ -114,3 +114,30 @@ class ServeProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ---- attached VMs (xdpnet attach) -------------------------------------------
+
+def xdpnet_env(run_dir: str) -> dict[str, str]:
+    """The environment that points every xdpnet command at registry *run_dir*."""
+    return {**os.environ, "XDPNET_RUN_DIR": str(run_dir)}
+
+
+def serve_pids(run_dir: str, name: str) -> list[int]:
+    """Pids of ``xdpnet serve --name NAME --state-dir RUN_DIR`` processes."""
+    want = ["serve", "--name", name, "--state-dir", str(run_dir)]
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        if any(argv[i:i + len(want)] == want for i in range(len(argv))):
+            out.append(int(pid))
+    return out

@@ -1,28 +1,39 @@
 """``xdpnet serve``: serve one VM's virtio-net over AF_XDP on a NIC queue.
 
 Set-up order, each step failing with one line and nothing left behind:
-privileges, MAC, interface and queues, zero-copy probe, XDP program,
-vhost-user socket.  Then the QEMU options the VM needs are printed and
-the backend serves frontends (one at a time, reconnects included) until
-SIGINT/SIGTERM.
+privileges, MAC, interface and queues, zero-copy probe, (with ``--name``)
+the VM's registry record, XDP program, vhost-user socket.  Then the QEMU
+options the VM needs are printed and the backend serves frontends (one
+at a time, reconnects included) until SIGINT/SIGTERM.
+
+With ``--name`` the process is one VM of the operator's registry
+(:mod:`xdpnet.operator.registry`): ``xdpnet attach`` starts it that way
+in the background; it publishes its counters as files other processes
+map (``stats``, ``top``, ``metrics``), flips its record to ``running``
+once its socket listens and removes record and files when it exits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from xdpnet import privilege
-from xdpnet.attachment import Attachment
-from xdpnet.backend import NetBackend
-from xdpnet.datapath.xsk import probe_zerocopy
 from xdpnet.errors import UsageError
 from xdpnet.memory.umem import FrameGeometry
 from xdpnet.net.device import NetDevice
 from xdpnet.net.mac import format_mac, parse_mac
+from xdpnet.operator import snippets
+from xdpnet.operator.registry import Registry, VmRecord, check_name, proc_start
+
+if TYPE_CHECKING:
+    from xdpnet.backend import NetBackend
 
 log = logging.getLogger("xdpnet.serve")
 
@@ -39,6 +50,13 @@ class ServeOptions:
     max_frame: int = 1518
     guest_mem: str = "1G"
     socket_group: str | None = None
+    name: str | None = None             # register as this VM (xdpnet list/stats/top)
+    state_dir: str | None = None        # run directory of the registry (default /run/xdpnet)
+    port_pairs: int = 0                 # no NIC queues: this many pairs through the VM's port
+
+    @property
+    def pairs(self) -> int:
+        return len(self.queues) or self.port_pairs
 
 
 def parse_queues(text: str) -> tuple[int, ...]:
@@ -63,35 +81,36 @@ def parse_queues(text: str) -> tuple[int, ...]:
 
 def qemu_args(opts: ServeOptions, name: str = "net0") -> list[str]:
     """The QEMU options a VM needs to use this backend."""
-    n = len(opts.queues)
-    # 1024-entry rings: every posted rx buffer is a frame the kernel can
-    # deliver without waiting for the guest (docs/benchmarks.md).
-    dev = f"virtio-net-pci,netdev={name},mac={opts.mac},rx_queue_size=1024,tx_queue_size=1024"
-    netdev = f"vhost-user,id={name},chardev=chr-{name}"
-    if n > 1:
-        netdev += f",queues={n}"
-        dev += f",mq=on,vectors={2 * n + 2}"
-    return [
-        "-object", f"memory-backend-memfd,id=mem0,size={opts.guest_mem},share=on",
-        "-numa", "node,memdev=mem0",
-        "-chardev", f"socket,id=chr-{name},path={opts.socket}",
-        "-netdev", netdev,
-        "-device", dev,
-    ]
+    return snippets.qemu_args(opts.socket, opts.mac, opts.pairs, opts.guest_mem, name=name)
 
 
-def prepare(opts: ServeOptions) -> tuple[FrameGeometry, bool]:
-    """Validate everything that can be checked before touching the NIC."""
-    privilege.require("xdpnet serve")
+def validate(opts: ServeOptions, what: str = "xdpnet serve") -> NetDevice:
+    """Everything that can be checked without touching the NIC: privilege,
+    name, MAC, interface, queues (raises; exit codes in xdpnet.errors)."""
+    privilege.require(what)
+    if opts.name is not None:
+        check_name(opts.name)
+    if bool(opts.queues) == bool(opts.port_pairs):
+        raise UsageError("give NIC queues (--queue) or a number of port-only pairs, not both")
+    if opts.port_pairs < 0:
+        raise UsageError(f"port-only pairs {opts.port_pairs}: must be >= 1")
     mac = parse_mac(opts.mac)
     if mac[0] & 1:
         raise UsageError(f"{opts.mac} is a multicast address, not a VM's MAC")
     dev = NetDevice.lookup(opts.iface)
     for q in opts.queues:
         dev.validate_queue(q)
+    return dev
+
+
+def prepare(opts: ServeOptions) -> tuple[FrameGeometry, bool]:
+    """Validate everything that can be checked before touching the NIC."""
+    from xdpnet.datapath.xsk import probe_zerocopy
+
+    validate(opts)
     geometry = FrameGeometry(max_frame=opts.max_frame)
-    zc = all(probe_zerocopy(opts.iface, q) for q in opts.queues)
-    if not zc:
+    zc = bool(opts.queues) and all(probe_zerocopy(opts.iface, q) for q in opts.queues)
+    if opts.queues and not zc:
         print(f"xdpnet: {opts.iface} does not support zero-copy AF_XDP: using copy mode "
               f"(the kernel copies each frame into guest memory; no userspace copy)",
               file=sys.stderr)
@@ -101,24 +120,99 @@ def prepare(opts: ServeOptions) -> tuple[FrameGeometry, bool]:
 def run(opts: ServeOptions, ready: threading.Event | None = None,
         stop: threading.Event | None = None) -> int:
     """Serve until SIGINT/SIGTERM (or ``stop``); returns the exit status."""
+    from xdpnet.attachment import Attachment
+
     geometry, zc = prepare(opts)
-    with Attachment(opts.iface, opts.mac, opts.socket, queues=opts.queues, geometry=geometry,
-                    xdp_mode=opts.xdp_mode, zerocopy=zc, socket_group=opts.socket_group,
-                    stop_event=stop) as att:
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        # From here on a signal stops serving cleanly, even during set-up.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda *_: stop.set())
+    with contextlib.ExitStack() as stack:
+        reg = rec = None
+        extra: dict = {}
+        if opts.name is not None:
+            reg, rec = _claim(opts)
+            stack.callback(_unregister, reg, rec)
+        if opts.port_pairs:
+            extra["port_pairs"] = opts.port_pairs       # Attachment: multi-VM steering
+        att = stack.enter_context(
+            Attachment(opts.iface, opts.mac, opts.socket, queues=opts.queues, geometry=geometry,
+                       xdp_mode=opts.xdp_mode, zerocopy=zc, socket_group=opts.socket_group,
+                       stop_event=stop, **extra))
+        xsk_mode = "zero-copy" if att.zerocopy else "copy"
+        if reg is not None and rec is not None:
+            publish_counters(att.backend, rec.counters_dir)
+            # (the steering picks the VM's id on the NIC; before the multi-VM
+            # steering, Attachment has no vm_id: one VM per NIC)
+            reg.update(rec, state="running", vm_id=getattr(att, "vm_id", None),
+                       xdp_mode=att.steering.xdp_mode, xsk_mode=xsk_mode,
+                       xdp_prog_id=_prog_id(opts.iface, att.steering.xdp_mode))
         print("QEMU options for this VM:\n  " + " ".join(qemu_args(opts)), flush=True)
-        log.info("serving %s queue(s) %s for %s on %s (XDP %s)", opts.iface,
-                 ",".join(map(str, opts.queues)), format_mac(parse_mac(opts.mac)),
-                 opts.socket, att.steering.xdp_mode)
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: att.stop_event.set())
+        log.info("serving %s queue(s) %s for %s on %s (XDP %s, AF_XDP %s)%s", opts.iface,
+                 ",".join(map(str, opts.queues)) or f"port x{opts.port_pairs}",
+                 format_mac(parse_mac(opts.mac)), opts.socket, att.steering.xdp_mode, xsk_mode,
+                 f" as VM {opts.name!r}" if opts.name else "")
         watcher = threading.Thread(target=_watch_broken, args=(att.backend, att.stop_event),
                                    daemon=True)
         watcher.start()
         if ready is not None:
             ready.set()
         att.serve_forever()
+        log.info("stopping%s", f" VM {opts.name!r}" if opts.name else "")
     return 0
+
+
+def _claim(opts: ServeOptions) -> tuple[Registry, VmRecord]:
+    """Claim the VM's name in the registry (takes over attach's placeholder)."""
+    reg = Registry(opts.state_dir)
+    name = opts.name
+    assert name is not None
+    state = reg.state_dir(name)
+    os.makedirs(state, mode=0o755, exist_ok=True)
+    pid = os.getpid()
+    rec = VmRecord(name=name, pid=pid, pid_start=proc_start(pid), iface=opts.iface,
+                   queues=list(opts.queues), port_pairs=opts.port_pairs,
+                   mac=format_mac(parse_mac(opts.mac)), socket=os.path.abspath(opts.socket),
+                   counters_dir=state,
+                   log=reg.log_path(name) if os.path.exists(reg.log_path(name)) else None)
+    return reg, reg.claim(rec, takeover_from=os.getppid())
+
+
+def _unregister(reg: Registry, rec: VmRecord) -> None:
+    """Remove our record (socket and counter files went with the attachment),
+    and the state directory if nothing (no log) is left in it."""
+    reg.remove(rec.name, rec.pid)
+    with contextlib.suppress(OSError):
+        os.rmdir(reg.state_dir(rec.name))
+
+
+def publish_counters(backend: NetBackend, directory: str | None) -> None:
+    """Back each queue pair's counter block by ``DIRECTORY/qpN.counters``.
+
+    Other processes map these files read-only (``xdpnet stats``, ``top``,
+    ``metrics``).  Must run before any queue pair starts (before serving);
+    the backend removes the files when it closes.  (Once
+    :class:`~xdpnet.attachment.Attachment` takes ``counters_dir=``, that
+    replaces this.)
+    """
+    from xdpnet.datapath.counters import CounterBlock
+
+    if directory is None or backend.config.counters_dir is not None:
+        return
+    os.makedirs(directory, exist_ok=True)
+    for i, old in enumerate(backend.counters):
+        backend.counters[i] = CounterBlock.create(os.path.join(directory, f"qp{i}.counters"))
+        old.close()
+
+
+def _prog_id(ifname: str, mode: str) -> int | None:
+    try:
+        from xdpnet.steering.xdp import attached_prog_ids
+
+        return attached_prog_ids(ifname).get(mode)
+    except Exception:       # noqa: BLE001 - informational only
+        return None
 
 
 def _watch_broken(backend: NetBackend, stop: threading.Event) -> None:
