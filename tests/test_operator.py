@@ -32,6 +32,7 @@ from helpers_serve import REPO, has_xdp, run_xdpnet, serve_pids, xdpnet_cmd, xdp
 
 from xdpnet.errors import EXIT_BUSY, EXIT_PRIVILEGE, EXIT_USAGE
 from xdpnet.operator import snippets
+from xdpnet.stats import DROP_CAUSES
 
 PREFIX = "xo"
 MAC = "52:54:00:0e:00:01"
@@ -93,7 +94,7 @@ def check_stats_json(out: dict) -> None:
     vm_t, pair_t = doc_table(h), doc_table(h, "PAIR")
     base = {k: pair_t[k] for k in ("pair", "queue", "available")}
     total_keys = {k for k in pair_t if k.startswith(("rx_", "tx_"))} | {"drops"}
-    causes = {"no_rx_buffer", "too_large", "invalid_desc", "tx_error"}
+    causes = set(DROP_CAUSES)
     for vm in out["vms"]:
         check_shape(vm, vm_t, f"stats[{vm['name']}]")
         assert set(vm["total"]) == total_keys and set(vm["total"]["drops"]) == causes
@@ -364,9 +365,8 @@ def test_metrics_endpoint_scraped_over_http(op, traffic):
         assert 0 < rx[key] <= after["pairs"][int(q)]["rx_frames"], rx
         assert 0 < tx[key] <= after["pairs"][int(q)]["tx_frames"], tx
     drops = samples("xdpnet_drops", "xdpnet_drops_total")
-    assert {dict(k)["cause"] for k in drops} == {"no_rx_buffer", "too_large", "invalid_desc",
-                                                "tx_error"}
-    assert len(drops) == 8
+    assert {dict(k)["cause"] for k in drops} == set(DROP_CAUSES)
+    assert len(drops) == 2 * len(DROP_CAUSES)
     assert fams["xdpnet_ring_entries"].type == "gauge"
     rings = samples("xdpnet_ring_entries", "xdpnet_ring_entries")
     assert {(dict(k)["queue"], dict(k)["ring"]) for k in rings} == \

@@ -3,12 +3,14 @@ served by AF_XDP sockets over guest memory.
 
 Glue only: guest memory comes from :mod:`xdpnet.memory`, sockets and the
 per-pair datapath threads from :mod:`xdpnet.datapath`, the XSKMAP entries
-from the steering object (:class:`xdpnet.steering.xdp.MacSteering`).  The
-protocol side (:mod:`xdpnet.vhost.server`) knows nothing of this.
+from the VM's steering object (:class:`xdpnet.steering.nic.VmSteering`).
+The protocol side (:mod:`xdpnet.vhost.server`) knows nothing of this.
 
-Queue pair ``i`` (virtqueues ``2i`` rx and ``2i+1`` tx) is served on NIC
-queue ``queues[i]`` by one AF_XDP socket on its own UMEM over the whole
-guest memory, by one datapath thread.
+Queue pair ``i`` (virtqueues ``2i`` rx and ``2i+1`` tx) is served by one
+datapath thread over one UMEM registration of the whole guest memory,
+with up to two AF_XDP sockets on it: a direct one on NIC queue
+``queues[i]`` (if the VM owns NIC queues) and one on queue ``i`` of the
+VM's port (docs/steering.md).
 """
 
 from __future__ import annotations

@@ -130,22 +130,20 @@ def run(opts: ServeOptions, ready: threading.Event | None = None,
             signal.signal(sig, lambda *_: stop.set())
     with contextlib.ExitStack() as stack:
         reg = rec = None
-        extra: dict = {}
         if opts.name is not None:
             reg, rec = _claim(opts)
             stack.callback(_unregister, reg, rec)
-        if opts.port_pairs:
-            extra["port_pairs"] = opts.port_pairs       # Attachment: multi-VM steering
+        if rec is not None:
+            # Other processes map these read-only (stats, top, metrics).
+            os.makedirs(rec.counters_dir, exist_ok=True)
         att = stack.enter_context(
-            Attachment(opts.iface, opts.mac, opts.socket, queues=opts.queues, geometry=geometry,
+            Attachment(opts.iface, opts.mac, opts.socket, queues=opts.queues,
+                       port_pairs=opts.port_pairs, geometry=geometry,
                        xdp_mode=opts.xdp_mode, zerocopy=zc, socket_group=opts.socket_group,
-                       stop_event=stop, **extra))
+                       stop_event=stop, counters_dir=rec.counters_dir if rec else None))
         xsk_mode = "zero-copy" if att.zerocopy else "copy"
         if reg is not None and rec is not None:
-            publish_counters(att.backend, rec.counters_dir)
-            # (the steering picks the VM's id on the NIC; before the multi-VM
-            # steering, Attachment has no vm_id: one VM per NIC)
-            reg.update(rec, state="running", vm_id=getattr(att, "vm_id", None),
+            reg.update(rec, state="running", vm_id=att.vm_id,
                        xdp_mode=att.steering.xdp_mode, xsk_mode=xsk_mode,
                        xdp_prog_id=_prog_id(opts.iface, att.steering.xdp_mode))
         print("QEMU options for this VM:\n  " + " ".join(qemu_args(opts)), flush=True)
@@ -185,25 +183,6 @@ def _unregister(reg: Registry, rec: VmRecord) -> None:
     reg.remove(rec.name, rec.pid)
     with contextlib.suppress(OSError):
         os.rmdir(reg.state_dir(rec.name))
-
-
-def publish_counters(backend: NetBackend, directory: str | None) -> None:
-    """Back each queue pair's counter block by ``DIRECTORY/qpN.counters``.
-
-    Other processes map these files read-only (``xdpnet stats``, ``top``,
-    ``metrics``).  Must run before any queue pair starts (before serving);
-    the backend removes the files when it closes.  (Once
-    :class:`~xdpnet.attachment.Attachment` takes ``counters_dir=``, that
-    replaces this.)
-    """
-    from xdpnet.datapath.counters import CounterBlock
-
-    if directory is None or backend.config.counters_dir is not None:
-        return
-    os.makedirs(directory, exist_ok=True)
-    for i, old in enumerate(backend.counters):
-        backend.counters[i] = CounterBlock.create(os.path.join(directory, f"qp{i}.counters"))
-        old.close()
 
 
 def _prog_id(ifname: str, mode: str) -> int | None:

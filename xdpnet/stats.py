@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from xdpnet.datapath.counters import BROKEN_REASONS
 
 # Keys of the ``--json`` outputs: stable, documented in docs/cli.md.
-DROP_CAUSES = ("no_rx_buffer", "too_large", "invalid_desc", "tx_error")
+DROP_CAUSES = ("no_rx_buffer", "too_large", "invalid_desc", "tx_error", "spoofed")
 RINGS = ("fill", "rx", "tx", "rx_held", "tx_held")
 TOTALS = ("rx_frames", "rx_bytes", "rx_zero_copy_frames", "rx_copied_frames", "rx_copied_bytes",
           "tx_frames", "tx_bytes", "tx_zero_copy_frames", "tx_copied_frames", "tx_copied_bytes")
