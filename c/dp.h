@@ -8,6 +8,7 @@
 #ifndef XDPNET_DP_H
 #define XDPNET_DP_H
 
+#include <setjmp.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
@@ -129,6 +130,16 @@ struct xn_mactab {
 	uint64_t mac[XN_MAX_LOCAL_MACS];
 };
 
+/* A recovery point for SIGBUS in guest memory (fault.c). */
+struct xn_fault_guard {
+	sigjmp_buf jb;
+	uintptr_t lo, hi;       /* the UMEM range it covers */
+};
+
+void xn_fault_arm(struct xn_fault_guard *g, const struct xn_memmap *mem);
+void xn_fault_disarm(void);
+int xn_fault_caught(struct xn_qp *qp);
+
 struct xn_qp {
 	struct xn_qp_config cfg;
 	const struct xn_memmap *mem;
@@ -140,6 +151,7 @@ struct xn_qp {
 	int stop_fd;            /* eventfd: xn_qp_stop() */
 	int stopping;           /* atomic */
 	bool mrg_rxbuf;
+	bool mem_fault;         /* guest memory vanished (SIGBUS): never touch it again */
 
 	/* rx avail entries taken so far: numbers each taken buffer, so that a
 	 * stop knows exactly how long ago each held one was taken (16-bit

@@ -489,7 +489,7 @@ static bool has_work(struct xn_qp *qp)
  *
  * Return: 0 when stopped, or -errno if poll() fails.
  */
-int xn_qp_run(struct xn_qp *qp)
+static int run_loop(struct xn_qp *qp)
 {
 	uint64_t spin_ns = (uint64_t)qp->cfg.busy_poll_us * 1000, last_work = 0;
 	struct pollfd pfd[5];
@@ -560,6 +560,28 @@ int xn_qp_run(struct xn_qp *qp)
 }
 
 /**
+ * xn_qp_run() - serve the queue pair until xn_qp_stop(), surviving a
+ * frontend that truncates guest memory (fault.c)
+ *
+ * Return: 0 when stopped, -EFAULT if guest memory vanished (the pair is
+ * then broken for good), or -errno if poll() fails.
+ */
+int xn_qp_run(struct xn_qp *qp)
+{
+	struct xn_fault_guard g;
+	int ret;
+
+	if (qp->mem_fault)
+		return -EFAULT;
+	if (sigsetjmp(g.jb, 1))
+		return xn_fault_caught(qp);
+	xn_fault_arm(&g, qp->mem);
+	ret = run_loop(qp);
+	xn_fault_disarm();
+	return ret;
+}
+
+/**
  * xn_qp_drain() - after xn_qp_run() returned: deliver the frames already
  * in the rx rings and wait (up to @timeout_ms) for tx completions, on
  * every socket of the pair
@@ -571,8 +593,14 @@ int xn_qp_run(struct xn_qp *qp)
 int xn_qp_drain(struct xn_qp *qp, uint32_t timeout_ms)
 {
 	uint64_t end = now_ns() + (uint64_t)timeout_ms * 1000000ULL;
+	struct xn_fault_guard g;
 	int i;
 
+	if (qp->mem_fault)
+		return 0;
+	if (sigsetjmp(g.jb, 1))
+		return xn_fault_caught(qp), 0;
+	xn_fault_arm(&g, qp->mem);
 	while (xn_rx_receive(qp) > 0)
 		;
 	while (xn_tx_inflight(qp) && now_ns() < end) {
@@ -585,6 +613,7 @@ int xn_qp_drain(struct xn_qp *qp, uint32_t timeout_ms)
 			nanosleep(&ts, NULL);
 	}
 	publish(qp);
+	xn_fault_disarm();
 	refresh_stats(qp);
 	gauges(qp);
 	return (int)xn_tx_inflight(qp);
@@ -650,11 +679,20 @@ int xn_qp_quiesce(struct xn_qp *qp, uint16_t *rx_last_avail, uint16_t *tx_last_a
 {
 	struct xn_rxmap *m = &qp->rxmap;
 	uint32_t i, inflight = m->count + qp->slow_count, run = 0;
+	struct xn_fault_guard g;
 	uint64_t d;
 
 	/* Destroyed by the caller before this call. */
 	qp->sock[XN_SOCK_DIRECT].xsk = NULL;
 	qp->sock[XN_SOCK_PORT].xsk = NULL;
+	if (sigsetjmp(g.jb, 1)) {
+		xn_fault_caught(qp);
+		goto out;
+	}
+	if (!qp->mem_fault)
+		xn_fault_arm(&g, qp->mem);
+	else
+		goto out;
 	xn_tx_abandon(qp);
 
 	if (inflight && !*qp->rx.broken) {
@@ -676,10 +714,12 @@ int xn_qp_quiesce(struct xn_qp *qp, uint16_t *rx_last_avail, uint16_t *tx_last_a
 		qp->ctr->rx_rewound += run;
 		qp->ctr->rx_returned_empty += inflight - run;
 	}
+	publish(qp);
+	xn_fault_disarm();
+out:
 	memset(m->key, 0, (m->mask + 1) * sizeof(*m->key));
 	m->count = 0;
 	qp->slow_count = 0;
-	publish(qp);
 	gauges(qp);
 	*rx_last_avail = qp->rx.last_avail;
 	*tx_last_avail = qp->tx.last_avail;

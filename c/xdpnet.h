@@ -43,6 +43,7 @@
 #define XN_BROKEN_AVAIL_IDX 5       /* avail index more than the queue size ahead */
 #define XN_BROKEN_DESC_HEAD 6       /* head index >= queue size */
 #define XN_BROKEN_DESC_LEN 7        /* zero-length descriptor */
+#define XN_BROKEN_MEMORY 8          /* guest memory vanished under us (file truncated: SIGBUS) */
 
 /* Transport modes of an XSK socket. */
 #define XN_XSK_MODE_AUTO 0      /* zero-copy if the driver can, else copy */

@@ -412,3 +412,55 @@ def test_discard_watcher_sees_a_punched_page(request, hugetlb):
         m.close()
     finally:
         os.close(fd)
+
+
+HOSTILE_TRUNCATE = r"""
+import os, sys, time
+from xdpnet.guest.simulator import VirtioNetSimulator
+vm = VirtioNetSimulator(sys.argv[1], mac=sys.argv[2], sealable=False, queue_size=256)
+vm.connect()
+vm.start()
+time.sleep(0.3)                      # the backend has posted our rx buffers
+os.ftruncate(vm.memory.fd, 0)        # ... and now guest RAM is gone
+print("truncated", flush=True)
+time.sleep(30)                       # keep the connection; never touch memory again
+"""
+
+
+def test_frontend_truncating_unsealable_memory_stops_the_queue_not_the_backend(tmp_path):
+    """A memfd created without MFD_ALLOW_SEALING cannot be sealed: its
+    frontend can truncate it under the running datapath.  The SIGBUS is
+    caught, the pair is stopped (reason logged), the serve process stays up
+    and serves the next frontend."""
+    import subprocess
+    import sys
+
+    with contextlib.ExitStack() as stack:
+        bed = stack.enter_context(Testbed(queues=1, prefix="xm"))
+        sock = str(tmp_path / "t.sock")
+        srv = stack.enter_context(ServeProcess(bed.nic, sock, mac=VM_MAC))
+        srv.wait_ready()
+        wire = stack.enter_context(WirePeer(bed, peer_mac=VM_MAC))
+        hostile = subprocess.Popen([sys.executable, "-c", HOSTILE_TRUNCATE, sock, VM_MAC],
+                                   stdout=subprocess.PIPE, text=True)
+        try:
+            assert hostile.stdout.readline().strip() == "truncated"
+            wire.send(50, 200, flow=5)          # the datapath writes into the vanished RAM
+            deadline = time.monotonic() + 5
+            while "guest memory vanished" not in srv.stderr_text():
+                assert time.monotonic() < deadline, srv.stderr_text()
+                assert srv.returncode is None, srv.stderr_text()
+                time.sleep(0.1)
+        finally:
+            hostile.kill()
+            hostile.wait()
+        assert srv.returncode is None, srv.stderr_text()
+        # The backend is still there for a well-behaved VM.
+        with VirtioNetSimulator(sock, mac=VM_MAC) as vm:
+            vm.connect()
+            vm.start()
+            time.sleep(0.3)
+            wire.send(50, 200, flow=6)
+            vm.run(duration=3.0, tx_count=0, rx_count=50)
+            assert vm.stats().rx_verified == 50
+        assert srv.returncode is None

@@ -34,6 +34,7 @@ BROKEN_REASONS = {
     5: "avail index more than the queue size ahead",
     6: "descriptor head index beyond the queue",
     7: "zero-length descriptor",
+    8: "guest memory vanished (the frontend truncated its file: SIGBUS caught)",
 }
 
 

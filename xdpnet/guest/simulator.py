@@ -92,6 +92,7 @@ class GuestConfig:
     tx_buf_size: int = 2048             # bytes per tx slot (header + frame)
     regions: int = 1                    # 1, or 2 (one memfd exposed as two regions)
     hugetlb: bool = False               # MFD_HUGETLB, 2 MiB pages
+    sealable: bool = True               # MFD_ALLOW_SEALING (False: a hostile frontend's memfd)
     indirect: bool = False              # rx buffers and tx frames via indirect tables
     rx_chain: bool = False              # rx buffers as 2-descriptor chains
     tx_hdr_separate: bool = False       # tx header in its own descriptor
@@ -232,10 +233,11 @@ class GuestMemory:
     """A memfd mapped ``MAP_SHARED``, exposed as 1 or 2 regions, with a bump
     allocator per region (bottom-up and top-down)."""
 
-    def __init__(self, size: int, regions: int = 1, hugetlb: bool = False):
+    def __init__(self, size: int, regions: int = 1, hugetlb: bool = False,
+                 sealable: bool = True):
         # MFD_ALLOW_SEALING like QEMU's memory-backend-memfd (which also seals
         # growing and shrinking by default).
-        flags = (os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        flags = (os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0)
                  | (os.MFD_HUGETLB | os.MFD_HUGE_2MB if hugetlb else 0))
         self.size = size
         self.fd = os.memfd_create("xdpnet-guest", flags)
@@ -490,7 +492,8 @@ class VirtioNetSimulator:
             raise UsageError("guest memory is already laid out")
         self.hdr_len = 12 if features & (P.bit(F.VERSION_1) | P.bit(F.NET_MRG_RXBUF)) else 10
         if self.memory is None:
-            self.memory = GuestMemory(self.config.mem_size, self.config.regions, self.config.hugetlb)
+            self.memory = GuestMemory(self.config.mem_size, self.config.regions, self.config.hugetlb,
+                                      self.config.sealable)
         for i in range(self.config.queue_pairs):
             pair = _Pair(i)
             self.pairs.append(pair)
