@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 import os
 import re
 import secrets
@@ -483,7 +484,7 @@ def test_two_guests_on_one_nic(assets, tmp_path, request):
             assert loss(out) == 0, r.diag(out)
         # a TCP stream between the guests (inter-VM, never on the wire)
         r.check(vb, "iperf3 -s -D -1 -p 5301 --logfile /tmp/iperf3-s.log")
-        res = iperf3_between(r, va, IP_B, 5301)
+        res = iperf3_between(r, va, vb, IP_B, 5301)
         assert res["end"]["sum_received"]["bytes"] > 0, r.diag(str(res["end"]))
         for vm in (va, vb):
             assert vm.shutdown() == "RESULT: PASS"
@@ -491,13 +492,24 @@ def test_two_guests_on_one_nic(assets, tmp_path, request):
             assert srv.returncode is None and not serve_errors(srv), r.diag("serve failed")
 
 
-def iperf3_between(r: Rig, vm: Guest, dst: str, port: int) -> dict:
-    status, out = vm.run(f"sleep 0.5; iperf3 -c {dst} -p {port} -t 2 -J", timeout=90)
-    try:
-        res = json.loads(out)
-    except ValueError:
-        raise AssertionError(r.diag(f"iperf3 to {dst}: no JSON ({status}):\n{out}")) from None
-    assert status == 0 and "error" not in res, r.diag(f"iperf3 to {dst}: {res.get('error')}")
+def iperf3_between(r: Rig, vm: Guest, server: Guest, dst: str, port: int) -> dict:
+    """A fixed 4 MiB TCP transfer (not time-based: two TCG guests on two
+    cores are slow, and iperf3 gives up on a control connection that
+    stalls).  A control-connection timeout is retried once, with a fresh
+    server, and reported as a warning; any other failure fails."""
+    for attempt in (1, 2):
+        status, out = vm.run(f"sleep 0.5; iperf3 -c {dst} -p {port} -n 4M -J", timeout=120)
+        try:
+            res = json.loads(out)
+        except ValueError:
+            raise AssertionError(r.diag(f"iperf3 to {dst}: no JSON ({status}):\n{out}")) from None
+        err = res.get("error", "")
+        if attempt == 1 and "control socket has closed unexpectedly" in err:
+            warnings.warn(f"iperf3 to {dst}: {err}; retrying once")
+            r.check(server, f"iperf3 -s -D -1 -p {port} --logfile /tmp/iperf3-s2.log")
+            continue
+        break
+    assert status == 0 and not err, r.diag(f"iperf3 to {dst}: {err}")
     return res
 
 
