@@ -141,6 +141,7 @@ def run(opts: ServeOptions, ready: threading.Event | None = None,
                        port_pairs=opts.port_pairs, geometry=geometry,
                        xdp_mode=opts.xdp_mode, zerocopy=zc, socket_group=opts.socket_group,
                        stop_event=stop, counters_dir=rec.counters_dir if rec else None))
+        privilege.drop_after_setup()    # issue 7.5: least privilege from here on
         xsk_mode = "zero-copy" if att.zerocopy else "copy"
         if reg is not None and rec is not None:
             reg.update(rec, state="running", vm_id=att.vm_id,
