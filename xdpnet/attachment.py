@@ -18,6 +18,7 @@ from xdpnet.backend import BackendConfig, NetBackend
 from xdpnet.datapath.xsk import probe_zerocopy
 from xdpnet.errors import UsageError, XdpnetError
 from xdpnet.memory.umem import FrameGeometry
+from xdpnet.net.linkwatch import LinkWatch
 from xdpnet.steering.nic import (NicSteering, VmSteering, notify_vm_change,
                                  vm_change_generation, wait_vm_change)
 from xdpnet.vhost.server import VhostUserServer
@@ -79,6 +80,11 @@ class Attachment:
         self.vm: VmSteering = vm
         self.zerocopy = zerocopy
         self._start_refresher()
+        self.linkwatch: LinkWatch | None = None
+        try:                                    # a log line when the NIC goes down/up/away
+            self.linkwatch = LinkWatch(ifname, what=f"VM {mac}").start()
+        except OSError as e:
+            log.debug("not watching the link state of %s: %s", ifname, e)
 
     @property
     def socket_path(self) -> str:
@@ -149,6 +155,9 @@ class Attachment:
             self._thread.join(10)
             self._thread = None
         self.server.close()
+        if self.linkwatch is not None:
+            self.linkwatch.close()
+            self.linkwatch = None
         self._cleanup.close()
 
     def __enter__(self) -> "Attachment":
