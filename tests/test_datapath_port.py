@@ -163,9 +163,13 @@ def deliver(r: Rig, peer: WirePeer, n: int, size: int = 64, flow: int = 0, chunk
     the guest's reposted buffers are back on the fill rings."""
     for seq in range(0, n, chunk):
         k = min(chunk, n - seq)
+        # Every buffer on a fill ring first: right after start the datapath
+        # thread may not have posted them yet (frames would meet an empty
+        # fill ring and be dropped by the kernel).
+        assert wait_for(lambda: r.counters()["fill_ring_used"] == r.vm.config.queue_size)
         peer.send(k, size, flow=flow, seq0=seq)
         assert r.vm.run(duration=2.0, tx_count=0, rx_count=k).stats.rx_verified == k
-        assert wait_for(lambda: r.counters()["fill_ring_used"] == r.vm.config.queue_size)
+    assert wait_for(lambda: r.counters()["fill_ring_used"] == r.vm.config.queue_size)
 
 
 def receive(peer: WirePeer, box: list, timeout: float = 1.5) -> threading.Thread:
