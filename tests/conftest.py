@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -29,3 +30,24 @@ def hugepages():
     finally:
         with open(path, "w") as f:
             f.write(str(before))
+
+
+def _leftovers() -> set[str]:
+    """xdpnet's run-time state on this machine: pins, lock and owner files."""
+    out = set()
+    for d in ("/sys/fs/bpf/xdpnet", "/run/xdpnet", "/run/xdpnet/testbeds"):
+        if os.path.isdir(d):
+            out.add(d + "/")
+            out.update(os.path.join(d, n) for n in os.listdir(d))
+    return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def nothing_left_behind():
+    """After the whole run, nothing of xdpnet's that the run created is
+    left: no pins under /sys/fs/bpf/xdpnet, no lock or owner files under
+    /run/xdpnet, not even the (empty) directories."""
+    before = _leftovers()
+    yield
+    left = sorted(_leftovers() - before)
+    assert not left, f"the test run left these behind: {left}"

@@ -198,7 +198,11 @@ def test_last_vm_leaving_removes_programs_and_pins():
     with three_vms() as h:
         nic = h.bed.nic
         assert os.path.isdir(f"/sys/fs/bpf/xdpnet/{nic}")
+        assert os.path.exists(f"/run/xdpnet/{nic}.lock")
     assert not os.path.exists(f"/sys/fs/bpf/xdpnet/{nic}")
+    assert not os.path.exists(f"/run/xdpnet/{nic}.lock")
+    # The pin root goes with the last NIC's directory.
+    assert not os.path.isdir("/sys/fs/bpf/xdpnet") or os.listdir("/sys/fs/bpf/xdpnet")
 
 
 @pytest.mark.parametrize("kwargs,exc", [

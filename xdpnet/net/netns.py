@@ -41,9 +41,10 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from xdpnet.errors import DependencyError, PrivilegeError, UsageError, XdpnetError
+from xdpnet.rundirs import RUN_DIR, open_in, remove_empty
 
 NETNS_DIR = "/run/netns"
-OWNER_DIR = "/run/xdpnet/testbeds"   # one file per live test bed: "<pid> <starttime>"
+OWNER_DIR = os.path.join(RUN_DIR, "testbeds")   # one file per live test bed: "<pid> <starttime>"
 CLONE_NEWNET = 0x40000000
 MS_BIND, MS_REC, MS_SHARED, MNT_DETACH = 0x1000, 0x4000, 1 << 20, 2
 _RAND_LEN = 8                        # hex digits of the random part
@@ -234,9 +235,9 @@ def _owner_path(name: str) -> str:
 
 def _write_owner(name: str) -> None:
     """Record this process as the owner of test bed *name*."""
-    os.makedirs(OWNER_DIR, exist_ok=True)
     pid = os.getpid()
-    with open(_owner_path(name), "w") as f:
+    fd = open_in(OWNER_DIR, name, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w") as f:
         f.write(f"{pid} {_proc_starttime(pid)}\n")
 
 
@@ -260,6 +261,7 @@ def _remove_owner(name: str) -> None:
         os.unlink(_owner_path(name))
     except FileNotFoundError:
         pass
+    remove_empty(OWNER_DIR, RUN_DIR)            # /run/xdpnet too, if empty
 
 
 # ---- removal helpers (each tolerant of things already gone) -------------

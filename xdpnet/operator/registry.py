@@ -19,21 +19,19 @@ field 22), so a recycled pid never makes a dead VM look alive.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from xdpnet.errors import BusyError, UsageError
+from xdpnet.rundirs import RUN_DIR, flocked
 
 RUN_DIR_ENV = "XDPNET_RUN_DIR"
-DEFAULT_RUN_DIR = "/run/xdpnet"
+DEFAULT_RUN_DIR = RUN_DIR
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 LOG_FILE = "serve.log"
 
@@ -158,17 +156,13 @@ class Registry:
 
     # -- writing (serialised by the lock)
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold the registry lock (flock on ``vms/.lock``)."""
-        os.makedirs(self.dir, mode=0o755, exist_ok=True)
-        fd = os.open(os.path.join(self.dir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def lock(self):
+        """Hold the registry lock (flock on ``vms/.lock``).  Whoever leaves
+        the registry without records removes the lock file and the empty
+        directories (up to /run/xdpnet; a private run directory stays)."""
+        shared = self.root == DEFAULT_RUN_DIR
+        return flocked(self.dir, ".lock", unused=lambda: not self.records(),
+                       up_to=self.root if shared else self.dir)
 
     def _write(self, rec: VmRecord) -> None:
         path = self.record_path(rec.name)

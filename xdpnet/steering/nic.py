@@ -34,14 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import re
 import socket
 import subprocess
 import threading
-import time
 import weakref
 from dataclasses import asdict, dataclass, replace
 
@@ -49,6 +47,7 @@ from xdpnet.errors import BusyError, PrivilegeError, UsageError, XdpnetError
 from xdpnet.net.device import NetDevice
 from xdpnet.net.mac import format_mac, parse_mac
 from xdpnet.net.port import VmPort, delete_port, port_names, ports_of
+from xdpnet.rundirs import RUN_DIR, flocked
 from xdpnet.steering import programs
 from xdpnet.steering.libbpf import FLAG_MODES, MODE_FLAGS
 from xdpnet.steering.maps import (EGRESS_NIC, LAYOUT_VERSION, MAX_QUEUES, MAX_VMS, PORT_QUEUES,
@@ -60,7 +59,7 @@ from xdpnet.steering.xdp import MODES
 
 log = logging.getLogger("xdpnet.steering")
 
-LOCK_DIR = "/run/xdpnet"
+LOCK_DIR = RUN_DIR
 LOCK_TIMEOUT = 60.0         # seconds to wait for another process's change
 MIN_FRAME, MAX_FRAME = 14, 65535
 XSK_KINDS = ("nic", "port")
@@ -70,30 +69,13 @@ CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
 # --------------------------------------------------------------------------
 # helpers
 
-def lock_path(ifname: str) -> str:
-    return os.path.join(LOCK_DIR, f"{ifname}.lock")
-
-
-@contextlib.contextmanager
 def nic_lock(ifname: str, timeout: float = LOCK_TIMEOUT):
     """``flock(/run/xdpnet/<ifname>.lock)``, exclusive; BusyError after
-    *timeout* seconds.  The file stays (removing a lock file races)."""
-    os.makedirs(LOCK_DIR, mode=0o755, exist_ok=True)
-    fd = os.open(lock_path(ifname), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise BusyError(f"another xdpnet process holds {lock_path(ifname)} "
-                                    f"for more than {timeout:.0f} s") from None
-                time.sleep(0.02)
-        yield
-    finally:
-        os.close(fd)            # releases the lock
+    *timeout* seconds.  Released by the process that leaves the NIC without
+    steering state (no pin directory), the file and an empty /run/xdpnet go
+    too."""
+    return flocked(LOCK_DIR, f"{ifname}.lock", timeout=timeout,
+                   unused=lambda: not os.path.isdir(pin_dir(ifname)))
 
 
 def _check_privileges() -> None:

@@ -30,6 +30,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from xdpnet.errors import (BusyError, DependencyError, PrivilegeError, XdpnetError)
+from xdpnet.rundirs import make_dirs, remove_empty
 from xdpnet.steering.kheaders import find_kernel_headers, import_bcc
 from xdpnet.steering.libbpf import libbpf
 from xdpnet.steering.maps import MAP_NAMES, open_pin
@@ -152,7 +153,7 @@ def compile_and_pin(directory: str) -> float:
             raise XdpnetError(f"cannot compile/load the steering programs with bcc: {msg}") \
                 from None
         seconds = time.monotonic() - t0
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        make_dirs(directory, mode=0o700)
         lb = libbpf()
         try:
             for name in MAP_NAMES:
@@ -183,18 +184,17 @@ def _pin(lb, fd: int, path: str) -> None:
 
 
 def unpin_all(directory: str) -> None:
-    """Remove every pin of ours in *directory*, then the directory."""
+    """Remove every pin of ours in *directory*, the directory, and
+    PIN_ROOT when no other NIC's directory is left in it."""
     for name in (*MAP_NAMES, *PROG_PINS.values()):
         try:
             os.unlink(os.path.join(directory, name))
         except FileNotFoundError:
             pass
-    try:
-        os.rmdir(directory)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log.warning("%s not removed: %s", directory, e.strerror)
+    if os.path.isdir(directory) and os.listdir(directory):
+        log.warning("%s not removed: it holds pins that are not ours", directory)
+        return
+    remove_empty(directory, PIN_ROOT)
 
 
 @dataclass
