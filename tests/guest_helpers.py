@@ -49,8 +49,9 @@ def log_dir(name: str) -> Path:
     /var/tmp/xdpnet-guest-logs) / ``<date-time>-<pid>`` / *name*.
 
     Outside pytest's tmp directories on purpose: those are shared by every
-    pytest run of the machine and only the last three survive.  The newest
-    KEEP_RUNS runs are kept, older ones removed.
+    pytest run of the machine and only the last three survive.  A passing
+    test's directory is removed (drop_logs); of failed runs the newest
+    KEEP_RUNS are kept, older ones removed.
     """
     global _run_dir
     if _run_dir is None:
@@ -64,6 +65,15 @@ def log_dir(name: str) -> Path:
     d = _run_dir / re.sub(r"[^\w.-]+", "_", name)
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def drop_logs(d: str | Path) -> None:
+    """Remove a passing test's logs, and its run's (and the root's)
+    directory once empty: only failures leave logs behind."""
+    from xdpnet.rundirs import remove_empty
+
+    shutil.rmtree(d, ignore_errors=True)
+    remove_empty(str(Path(d).parent), LOG_ROOT)
 
 
 class GuestError(AssertionError):

@@ -9,7 +9,7 @@ through a command server on its second serial port, so no test traffic
 but the network under test goes through xdpnet.
 
 Logs: every boot's console, QEMU command line and stderr, and serve's
-stderr are kept, pass or fail, under /var/tmp/xdpnet-guest-logs/<run>/<test>/
+stderr are kept when a test fails, under /var/tmp/xdpnet-guest-logs/<run>/<test>/
 ($XDPNET_GUEST_LOGS moves it; the last 10 runs are kept); a failure
 message quotes their tails and names that directory.
 
@@ -39,8 +39,8 @@ import time
 
 import pytest
 
-from guest_helpers import (CACHE, Guest, GuestError, guest_assets, log_dir, serve_qemu_options,
-                           with_reconnect)
+from guest_helpers import (CACHE, Guest, GuestError, drop_logs, guest_assets, log_dir,
+                           serve_qemu_options, with_reconnect)
 from helpers_serve import ServeProcess, run_xdpnet
 
 pytestmark = [
@@ -170,13 +170,20 @@ class Rig:
 
 
 @contextlib.contextmanager
-def rig(assets, sockdir, logname: str, queues: int = 1):
+def rig(assets, sockdir, request, queues: int = 1):
+    """A Rig for the test (or class) of *request*; its logs are kept only
+    if a test using it failed (the failure message names the directory)."""
+    failed = request.session.testsfailed
     with make_bed(queues) as bed:
-        r = Rig(bed, sockdir, log_dir(logname), assets)
+        r = Rig(bed, sockdir, log_dir(request.node.name), assets)
+        ok = False
         try:
             yield r
+            ok = True
         finally:
             r.close()
+            if ok and request.session.testsfailed == failed:
+                drop_logs(r.dir)
 
 
 def wait_link_up(r: Rig, vm: Guest, timeout: float = 20) -> None:
@@ -307,10 +314,10 @@ def ethtool_stats(r: Rig, vm: Guest) -> dict[str, int]:
 # ---- one guest, shared by the tests that only look --------------------------
 
 @pytest.fixture(scope="class")
-def one_vm(assets, tmp_path_factory):
+def one_vm(assets, tmp_path_factory, request):
     """A 1-queue NIC, ``xdpnet serve -v`` and one booted guest at 10.77.0.2, shared by
     the tests of TestOneGuest (torn down after them, before the other tests boot theirs)."""
-    with rig(assets, tmp_path_factory.mktemp("one_vm"), "one_vm") as r:
+    with rig(assets, tmp_path_factory.mktemp("one_vm"), request) as r:
         srv = r.serve(MAC_A)
         vm = r.guest(srv, IP_A)
         wait_link_up(r, vm)
@@ -415,7 +422,7 @@ def test_multiqueue_two_pairs(assets, tmp_path, request):
     traffic passes on both, as xdpnet's per-pair counters and the guest's
     per-queue counters show."""
     state = str(tmp_path / "run")
-    with rig(assets, tmp_path, request.node.name, queues=2) as r:
+    with rig(assets, tmp_path, request, queues=2) as r:
         bed = r.bed
         srv = r.serve(MAC_A, queues="0,1", extra=("--name", "xqmq", "--state-dir", state))
         opts = serve_qemu_options(srv)
@@ -468,7 +475,7 @@ def test_multiqueue_two_pairs(assets, tmp_path, request):
 def test_two_guests_on_one_nic(assets, tmp_path, request):
     """(4) Two `xdpnet serve` processes, one per VM, on queues 0 and 1 of the same
     NIC: each guest reaches the peer and the other guest."""
-    with rig(assets, tmp_path, request.node.name, queues=2) as r:
+    with rig(assets, tmp_path, request, queues=2) as r:
         sa = r.serve(MAC_A, queues="0", name="a")
         sb = r.serve(MAC_B, queues="1", name="b")
         va = r.guest(sa, IP_A, name="a")
@@ -518,7 +525,7 @@ def iperf3_between(r: Rig, vm: Guest, server: Guest, dst: str, port: int) -> dic
 def test_guest_killed_mid_transfer_then_restarted(assets, tmp_path, request):
     """(5a) SIGKILL QEMU in the middle of a TCP stream: serve keeps running, and a
     new guest on the same socket gets a working network."""
-    with rig(assets, tmp_path, request.node.name) as r:
+    with rig(assets, tmp_path, request) as r:
         bed = r.bed
         srv = r.serve(MAC_A)
         vm = r.guest(srv, IP_A)
@@ -559,7 +566,7 @@ def test_backend_restarted_guest_recovers(assets, tmp_path, request, how):
     """(5b) QEMU's vhost-user chardev in reconnect mode (reconnect-ms=1000): serve
     stops (SIGTERM) or dies (SIGKILL: its socket file, pinned maps and port stay
     behind), a new serve starts on the same socket, the guest's network recovers."""
-    with rig(assets, tmp_path, request.node.name) as r:
+    with rig(assets, tmp_path, request) as r:
         bed = r.bed
         srv = r.serve(MAC_A, name="a")
         vm = r.guest(srv, IP_A, reconnect=True)
