@@ -12,6 +12,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <xdp/xsk.h>
 
 #include "xdpnet.h"
@@ -24,6 +25,10 @@
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "virtio 1.x is little-endian");
 _Static_assert(sizeof(struct virtio_net_hdr_v1) == XN_VNET_HDR_LEN, "virtio_net_hdr_v1 layout");
 
+#ifndef SOL_XDP
+#define SOL_XDP 283             /* older libc headers lack it */
+#endif
+
 /* --- UMEM and XSK -------------------------------------------------------- */
 
 struct xn_umem {
@@ -31,7 +36,8 @@ struct xn_umem {
 	struct xsk_ring_prod fill;      /* rings made at registration, handed */
 	struct xsk_ring_cons comp;      /* to the first socket bound on it */
 	const struct xn_memmap *mem;
-	int nsockets;
+	int nsockets;                   /* sockets bound on it now */
+	bool bound_once;                /* its first socket took fill/comp: never again */
 	int zerocopy;                   /* mode of the first socket: shared ones inherit it */
 };
 
@@ -166,6 +172,8 @@ struct xn_qp {
 	uint32_t *rx_free_slots;/* free rx bounce slots (stack) */
 	uint32_t rx_nfree;
 	uint32_t rx_slot_first, rx_slot_count;
+	bool rx_stalled;        /* refill waits for a bounce slot or map room: set by
+				 * rx refill, cleared when rx receive frees one */
 
 	/* tx */
 	uint32_t *tx_free_slots;
@@ -184,6 +192,10 @@ struct xn_qp {
 	/* scratch for walked chains (rx bounce may gather up to 8) */
 	struct xn_chain scratch[8];
 
+	/* XDP_STATISTICS of earlier pairs on the same counter block: the
+	 * kernel_* counters are this plus the current sockets' sums */
+	struct xdp_statistics kbase;
+
 	/* diagnostics */
 	uint64_t trace[XN_TRACE_LEN * 2];  /* (rx desc data addr, posted buffer) */
 	uint32_t trace_pos;
@@ -201,8 +213,11 @@ void xn_vq_used_publish(struct xn_vq *vq);
 void xn_vq_notify(struct xn_vq *vq);
 void xn_vq_enable_kick(struct xn_vq *vq, bool enable);
 void xn_vq_break(struct xn_vq *vq, int reason);
-uint8_t *xn_umem_ptr(const struct xn_memmap *mem, uint64_t off);
 int xn_translate(const struct xn_memmap *mem, uint64_t gpa, uint64_t len, uint64_t *off);
+uint32_t xn_chain_read(const struct xn_memmap *mem, const struct xn_chain *ch, uint32_t skip,
+		       uint8_t *dst, uint32_t len);
+uint32_t xn_chain_write(const struct xn_memmap *mem, const struct xn_chain *ch, uint32_t skip,
+			const uint8_t *src, uint32_t len);
 
 /* qp.c */
 bool xn_qp_local_mac(struct xn_qp *qp, uint64_t mac);
@@ -232,5 +247,36 @@ static inline uint64_t xn_mac_u64(const uint8_t *p)
 }
 
 #define XN_ACCESS_ONCE(x) (*(volatile __typeof__(x) *)&(x))
+
+/* xn_umem_ptr() - Return: the address in this process of UMEM offset
+ * @off (the caller checked it is inside the range). */
+static inline uint8_t *xn_umem_ptr(const struct xn_memmap *mem, uint64_t off)
+{
+	return mem->base + off;
+}
+
+/* xn_slot_off() - Return: the UMEM offset of bounce slot @slot. */
+static inline uint64_t xn_slot_off(const struct xn_memmap *mem, uint32_t slot)
+{
+	return mem->bounce_off + (uint64_t)slot * mem->chunk_size;
+}
+
+/* xn_vq_head() - Return: the head index in the avail entry at
+ * last_avail (read once: the guest may rewrite it; the caller checked
+ * with xn_vq_avail() that the entry is available). */
+static inline uint16_t xn_vq_head(struct xn_vq *vq)
+{
+	return XN_ACCESS_ONCE(vq->avail->ring[vq->last_avail & (vq->num - 1)]);
+}
+
+/* xn_ceil_pow2() - Return: the smallest power of two >= @v (at least 1). */
+static inline uint32_t xn_ceil_pow2(uint32_t v)
+{
+	uint32_t p = 1;
+
+	while (p < v)
+		p <<= 1;
+	return p;
+}
 
 #endif /* XDPNET_DP_H */

@@ -86,9 +86,7 @@ int xn_fault_caught(struct xn_qp *qp)
 {
 	armed = NULL;
 	qp->mem_fault = true;
-	if (!*qp->rx.broken)
-		__atomic_store_n(qp->rx.broken, (uint64_t)XN_BROKEN_MEMORY, __ATOMIC_RELEASE);
-	if (!*qp->tx.broken)
-		__atomic_store_n(qp->tx.broken, (uint64_t)XN_BROKEN_MEMORY, __ATOMIC_RELEASE);
+	xn_vq_break(&qp->rx, XN_BROKEN_MEMORY);
+	xn_vq_break(&qp->tx, XN_BROKEN_MEMORY);
 	return -EFAULT;
 }

@@ -24,10 +24,6 @@
 
 #include "dp.h"
 
-#ifndef SOL_XDP
-#define SOL_XDP 283
-#endif
-
 /* now_ns() - CLOCK_MONOTONIC in nanoseconds (vDSO: no system call). */
 static uint64_t now_ns(void)
 {
@@ -35,16 +31,6 @@ static uint64_t now_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
-/* ceil_pow2() - Return: the smallest power of two >= @v (>= 1). */
-static uint32_t ceil_pow2(uint32_t v)
-{
-	uint32_t p = 1;
-
-	while (p < v)
-		p <<= 1;
-	return p;
 }
 
 /**
@@ -60,7 +46,7 @@ static int sock_init(struct xn_sock *s, struct xn_xsk *xsk, uint32_t fill_target
 	s->xsk = xsk;
 	if (!xsk)
 		return 0;
-	s->txq_cap = ceil_pow2(xsk->ring_size);
+	s->txq_cap = xn_ceil_pow2(xsk->ring_size);
 	s->txq = calloc(s->txq_cap, sizeof(*s->txq));
 	if (fill_target > xsk->fill.size)
 		fill_target = xsk->fill.size;
@@ -83,12 +69,29 @@ static uint32_t port_fill_target(const struct xn_qp_config *cfg)
 	return t ? t : 1;
 }
 
+/* kbase_init() - remember the counter block's kernel statistics so far:
+ * the new pair's sockets count from 0, so the block shows base + theirs. */
+static void kbase_init(struct xn_qp *qp)
+{
+	const struct xn_counters *c = qp->ctr;
+
+	qp->kbase.rx_dropped = c->kernel_rx_dropped;
+	qp->kbase.rx_invalid_descs = c->kernel_rx_invalid;
+	qp->kbase.tx_invalid_descs = c->kernel_tx_invalid;
+	qp->kbase.rx_ring_full = c->kernel_rx_ring_full;
+	qp->kbase.rx_fill_ring_empty_descs = c->kernel_fill_empty;
+	qp->kbase.tx_ring_empty_descs = c->kernel_tx_ring_empty;
+}
+
 /**
  * xn_qp_create() - prepare a queue pair's datapath (does not start it)
  * @out:	set to the new queue pair
  * @cfg:	memory map, sockets (direct, port or both), both rings,
  *		features, bounce slots, VM MAC
- * @ctr:	counter block the datapath writes (zeroed by the caller)
+ * @ctr:	counter block the datapath writes: zeroed by the caller for a
+ *		new device, or the block of an earlier pair on the same
+ *		queues, whose counters then keep counting (the broken
+ *		reasons are reset: the rings start afresh)
  *
  * Return: 0, -EINVAL for an inconsistent configuration, -ENOMEM.
  */
@@ -112,6 +115,9 @@ int xn_qp_create(struct xn_qp **out, const struct xn_qp_config *cfg,
 	qp->cfg = *cfg;
 	qp->mem = mem;
 	qp->ctr = ctr;
+	ctr->rx_broken = 0;     /* the rings start afresh; the rest keeps counting */
+	ctr->tx_broken = 0;
+	kbase_init(qp);
 	qp->batch = cfg->batch ? cfg->batch : 64;
 	qp->mrg_rxbuf = cfg->features & (1ULL << VIRTIO_NET_F_MRG_RXBUF);
 	qp->vm_mac = cfg->vm_mac;
@@ -320,14 +326,13 @@ int xn_qp_set_call_fd(struct xn_qp *qp, int ring, int fd)
 }
 
 /* refresh_stats() - copy the sockets' kernel counters (XDP_STATISTICS),
- * summed over the pair's sockets. */
+ * summed over the pair's sockets, on top of the earlier pairs' (kbase). */
 static void refresh_stats(struct xn_qp *qp)
 {
-	struct xdp_statistics sum, st;
+	struct xdp_statistics sum = qp->kbase, st;
 	struct xn_counters *c = qp->ctr;
 	int i, got = 0;
 
-	memset(&sum, 0, sizeof(sum));
 	for (i = 0; i < XN_NSOCK; i++) {
 		socklen_t len = sizeof(st);
 
@@ -353,9 +358,6 @@ static void refresh_stats(struct xn_qp *qp)
 	c->kernel_rx_ring_full = sum.rx_ring_full;
 	c->kernel_fill_empty = sum.rx_fill_ring_empty_descs;
 	c->kernel_tx_ring_empty = sum.tx_ring_empty_descs;
-	/* The kernel drops frames over max_frame (rx_dropped) and frames that
-	 * found no buffer: fold them into the per-cause drops. */
-	c->drop_no_rx_buffer = sum.rx_fill_ring_empty_descs + sum.rx_ring_full;
 }
 
 /* publish() - publish used entries of both rings and notify the guest. */
@@ -462,11 +464,12 @@ static bool rx_kick_wanted(struct xn_qp *qp)
 }
 
 /* has_work() - after enabling kicks: is there something after all?
- * (Mirrors what pass() would do, so that it never spins on nothing.) */
+ * (Mirrors what pass() would do, so that it never spins on nothing: rx
+ * buffers waiting for a bounce slot are no work until a frame frees one.)
+ * Return: true if pass() may find work now. */
 static bool has_work(struct xn_qp *qp)
 {
-	bool can_post = xn_vq_avail(&qp->rx) > 0 &&
-			(qp->rx_nfree || qp->rxmap.count < qp->rxmap.mask);
+	bool can_post = !qp->rx_stalled && xn_vq_avail(&qp->rx) > 0;
 	int i;
 
 	if (xn_vq_avail(&qp->tx) > 0)
@@ -485,7 +488,24 @@ static bool has_work(struct xn_qp *qp)
 }
 
 /**
- * xn_qp_run() - serve the queue pair until xn_qp_stop()
+ * idle_timeout() - how long an idle loop may sleep in poll()
+ *
+ * 1 ms while tx frames are in flight (completions may need another kick)
+ * or while a ring has no kick eventfd (vhost-user: the frontend set bit 8
+ * of SET_VRING_KICK, the ring is polled); else the configured idle
+ * timeout, 250 ms by default, so that the kernel counters stay fresh.
+ *
+ * Return: the timeout in milliseconds.
+ */
+static int idle_timeout(const struct xn_qp *qp)
+{
+	if (xn_tx_inflight(qp) || qp->rx.kick_fd < 0 || qp->tx.kick_fd < 0)
+		return 1;
+	return (int)(qp->cfg.poll_timeout_ms ? qp->cfg.poll_timeout_ms : 250);
+}
+
+/**
+ * run_loop() - serve the queue pair until xn_qp_stop()
  *
  * Return: 0 when stopped, or -errno if poll() fails.
  */
@@ -497,7 +517,7 @@ static int run_loop(struct xn_qp *qp)
 
 	while (!__atomic_load_n(&qp->stopping, __ATOMIC_ACQUIRE)) {
 		uint64_t t;
-		int timeout, npfd = 3, i;
+		int npfd = 3, i;
 
 		if (pass(qp)) {
 			idle = 0;
@@ -532,11 +552,7 @@ static int run_loop(struct xn_qp *qp)
 			if (qp->sock[i].xsk)
 				pfd[npfd++] = (struct pollfd){ .fd = xsk_socket__fd(qp->sock[i].xsk->xsk),
 							       .events = POLLIN };
-		/* Frames in flight on tx: completions may need another kick.
-		 * Wake at least every 250 ms so the kernel counters stay fresh. */
-		timeout = xn_tx_inflight(qp) ? 1 :
-			  (int)(qp->cfg.poll_timeout_ms ? qp->cfg.poll_timeout_ms : 250);
-		if (poll(pfd, npfd, timeout) < 0 && errno != EINTR)
+		if (poll(pfd, npfd, idle_timeout(qp)) < 0 && errno != EINTR)
 			return -errno;
 		qp->ctr->wakeups++;
 		if ((pfd[0].revents & POLLIN) && drain_fd(qp->rx.kick_fd))
@@ -720,6 +736,7 @@ out:
 	memset(m->key, 0, (m->mask + 1) * sizeof(*m->key));
 	m->count = 0;
 	qp->slow_count = 0;
+	qp->rx_stalled = false;
 	gauges(qp);
 	*rx_last_avail = qp->rx.last_avail;
 	*tx_last_avail = qp->tx.last_avail;

@@ -51,10 +51,10 @@ static inline uint32_t hash64(uint64_t k)
  */
 int xn_rxmap_init(struct xn_rxmap *m, uint32_t entries)
 {
-	uint32_t size = 16;
+	uint32_t size = xn_ceil_pow2(entries * 2);
 
-	while (size < entries * 2)
-		size <<= 1;
+	if (size < 16)
+		size = 16;
 	m->key = calloc(size, sizeof(*m->key));
 	m->val = calloc(size, sizeof(*m->val));
 	m->mask = size - 1;
@@ -130,12 +130,6 @@ static bool rxmap_take(struct xn_rxmap *m, uint64_t addr, uint64_t *val)
 
 /* --- helpers ------------------------------------------------------------- */
 
-/* slot_off() - UMEM offset of bounce slot @slot. */
-static inline uint64_t slot_off(const struct xn_memmap *mem, uint32_t slot)
-{
-	return mem->bounce_off + (uint64_t)slot * mem->chunk_size;
-}
-
 /**
  * rx_slot_of() - which rx bounce slot a fill address belongs to
  *
@@ -144,7 +138,7 @@ static inline uint64_t slot_off(const struct xn_memmap *mem, uint32_t slot)
  */
 static int64_t rx_slot_of(const struct xn_qp *qp, uint64_t base)
 {
-	uint64_t first = slot_off(qp->mem, qp->rx_slot_first);
+	uint64_t first = xn_slot_off(qp->mem, qp->rx_slot_first);
 	uint64_t end = first + (uint64_t)qp->rx_slot_count * qp->mem->chunk_size;
 
 	if (base < first || base >= end || (base - first) % qp->mem->chunk_size)
@@ -158,33 +152,6 @@ static inline void write_hdr(uint8_t *p, uint16_t nbuf)
 	struct virtio_net_hdr_v1 h = { .num_buffers = nbuf };
 
 	memcpy(p, &h, sizeof(h));
-}
-
-/**
- * copy_to_chain() - copy @len bytes into a walked chain from byte @skip on
- *
- * Return: bytes copied (less than @len if the chain is shorter).
- */
-static uint32_t copy_to_chain(const struct xn_memmap *mem, const struct xn_chain *ch,
-			      uint32_t skip, const uint8_t *src, uint32_t len)
-{
-	uint32_t done = 0, i;
-
-	for (i = 0; i < ch->nseg && done < len; i++) {
-		uint32_t n = ch->seg[i].len;
-
-		if (skip >= n) {
-			skip -= n;
-			continue;
-		}
-		n -= skip;
-		if (n > len - done)
-			n = len - done;
-		memcpy(xn_umem_ptr(mem, ch->seg[i].off + skip), src + done, n);
-		done += n;
-		skip = 0;
-	}
-	return done;
 }
 
 /* trace() - remember where a frame landed and where its buffer was. */
@@ -205,6 +172,11 @@ static inline void trace(struct xn_qp *qp, uint64_t data, uint64_t buf)
  * @slot:	the bounce slot (returned to the free list here)
  * @data:	UMEM offset of the frame
  * @len:	frame length
+ *
+ * A frame is dropped, and the waiting buffers kept, when they are too
+ * few (drop_no_rx_buffer: with MRG_RXBUF a frame may take several, so a
+ * slot can outlive the buffer it was posted for) or cannot hold it even
+ * all together (drop_too_large).
  */
 static void rx_bounce(struct xn_qp *qp, uint32_t slot, uint64_t data, uint32_t len)
 {
@@ -214,6 +186,7 @@ static void rx_bounce(struct xn_qp *qp, uint32_t slot, uint64_t data, uint32_t l
 	uint32_t maxk = qp->mrg_rxbuf ? 8 : 1;
 
 	qp->rx_free_slots[qp->rx_nfree++] = slot;
+	qp->rx_stalled = false;
 	if (*qp->rx.broken)
 		return;
 	while (have < need && k < maxk && k < qp->slow_count) {
@@ -230,8 +203,12 @@ static void rx_bounce(struct xn_qp *qp, uint32_t slot, uint64_t data, uint32_t l
 		k++;
 	}
 	if (have < need) {
-		/* The waiting buffers cannot hold the frame: drop it, keep them. */
-		qp->ctr->drop_too_large++;
+		/* Drop the frame, keep the buffers: more may come, but this
+		 * frame cannot wait for them. */
+		if (k < maxk)
+			qp->ctr->drop_no_rx_buffer++;
+		else
+			qp->ctr->drop_too_large++;
 		return;
 	}
 	for (i = 0; i < k; i++) {
@@ -240,13 +217,13 @@ static void rx_bounce(struct xn_qp *qp, uint32_t slot, uint64_t data, uint32_t l
 
 		if (i == 0) {
 			write_hdr(hdr, (uint16_t)k);
-			copy_to_chain(qp->mem, &ch[0], 0, hdr, sizeof(hdr));
+			xn_chain_write(qp->mem, &ch[0], 0, hdr, sizeof(hdr));
 			skip = XN_VNET_HDR_LEN;
 		}
 		n = ch[i].total - skip;
 		if (n > len - off)
 			n = len - off;
-		w = copy_to_chain(qp->mem, &ch[i], skip, src + off, n);
+		w = xn_chain_write(qp->mem, &ch[i], skip, src + off, n);
 		off += w;
 		xn_vq_used_add(&qp->rx, ch[i].head, skip + w);
 	}
@@ -276,6 +253,7 @@ static void rx_direct(struct xn_qp *qp, uint64_t base, uint64_t data, uint32_t l
 		qp->ctr->drop_invalid_desc++;
 		return;
 	}
+	qp->rx_stalled = false;
 	if (*qp->rx.broken)
 		return;
 	trace(qp, data, buf);
@@ -389,7 +367,7 @@ static int post_one(struct xn_qp *qp, uint16_t head, uint64_t seq, uint64_t *add
 	qp->slow_fifo[(qp->slow_head + qp->slow_count) % qp->slow_cap] = head;
 	qp->slow_seq[(qp->slow_head + qp->slow_count) % qp->slow_cap] = seq;
 	qp->slow_count++;
-	*addr = slot_off(mem, slot);
+	*addr = xn_slot_off(mem, slot);
 	return 0;
 }
 
@@ -439,11 +417,15 @@ static uint32_t rx_refill_sock(struct xn_qp *qp, struct xn_sock *s)
 	if (!n || xsk_ring_prod__reserve(&x->fill, n, &idx) != n)
 		return 0;
 	while (posted < n) {
-		uint16_t head = XN_ACCESS_ONCE(vq->avail->ring[vq->last_avail & (vq->num - 1)]);
 		uint64_t addr;
+		int err = post_one(qp, xn_vq_head(vq), qp->rx_seq, &addr);
 
-		if (post_one(qp, head, qp->rx_seq, &addr))
+		if (err) {
+			/* Out of bounce slots (or map room): only a frame
+			 * received can free one, so don't retry before. */
+			qp->rx_stalled = err == -EAGAIN;
 			break;
+		}
 		*xsk_ring_prod__fill_addr(&x->fill, idx + posted) = addr;
 		vq->last_avail++;
 		qp->rx_seq++;

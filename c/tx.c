@@ -23,12 +23,6 @@
 
 #include "dp.h"
 
-/* slot_off() - UMEM offset of bounce slot @slot. */
-static inline uint64_t slot_off(const struct xn_memmap *mem, uint32_t slot)
-{
-	return mem->bounce_off + (uint64_t)slot * mem->chunk_size;
-}
-
 /**
  * txq_pop() - take the oldest frame submitted on @s and return its chain
  * to the guest (used length 0: the device wrote nothing)
@@ -135,57 +129,6 @@ static bool frame_piece(const struct xn_chain *ch, uint64_t *off)
 }
 
 /**
- * linearise() - copy the frame of @ch into bounce slot memory at @dst
- *
- * Return: bytes copied.
- */
-static uint32_t linearise(const struct xn_memmap *mem, const struct xn_chain *ch, uint8_t *dst)
-{
-	uint32_t skip = XN_VNET_HDR_LEN, done = 0, i;
-
-	for (i = 0; i < ch->nseg; i++) {
-		uint32_t n = ch->seg[i].len;
-
-		if (skip >= n) {
-			skip -= n;
-			continue;
-		}
-		memcpy(dst + done, xn_umem_ptr(mem, ch->seg[i].off + skip), n - skip);
-		done += n - skip;
-		skip = 0;
-	}
-	return done;
-}
-
-/**
- * frame_addrs() - copy the frame's first 12 bytes (destination and source
- * MAC) out of a chain; the virtio-net header may be a descriptor of its
- * own, and the MACs may straddle pieces
- * @mem:	the UMEM map
- * @ch:		walked chain holding at least 12 + 14 bytes
- * @out:	the 12 bytes
- */
-static void frame_addrs(const struct xn_memmap *mem, const struct xn_chain *ch, uint8_t out[12])
-{
-	uint32_t skip = XN_VNET_HDR_LEN, done = 0, i;
-
-	for (i = 0; i < ch->nseg && done < 12; i++) {
-		uint32_t n = ch->seg[i].len;
-
-		if (skip >= n) {
-			skip -= n;
-			continue;
-		}
-		n -= skip;
-		if (n > 12 - done)
-			n = 12 - done;
-		memcpy(out + done, xn_umem_ptr(mem, ch->seg[i].off + skip), n);
-		done += n;
-		skip = 0;
-	}
-}
-
-/**
  * choose_sock() - the socket a frame to @dst leaves on
  * @qp:		queue pair
  * @dst:	destination MAC (6 bytes)
@@ -246,7 +189,9 @@ static int tx_one(struct xn_qp *qp, uint16_t head)
 		return tx_drop(qp, head, &qp->ctr->drop_invalid_desc);
 	if (len > mem->chunk_size)
 		return tx_drop(qp, head, &qp->ctr->drop_too_large);
-	frame_addrs(mem, ch, addrs);
+	/* Destination and source MAC: the virtio-net header may be a
+	 * descriptor of its own, and the MACs may straddle pieces. */
+	xn_chain_read(mem, ch, XN_VNET_HDR_LEN, addrs, sizeof(addrs));
 	if (qp->vm_mac && xn_mac_u64(addrs + 6) != qp->vm_mac)
 		return tx_drop(qp, head, &qp->ctr->tx_spoofed);
 	s = choose_sock(qp, addrs);
@@ -257,8 +202,8 @@ static int tx_one(struct xn_qp *qp, uint16_t head)
 		return -EAGAIN;
 	if (!piece) {
 		slot = (int32_t)qp->tx_free_slots[--qp->tx_nfree];
-		off = slot_off(mem, (uint32_t)slot);
-		linearise(mem, ch, xn_umem_ptr(mem, off));
+		off = xn_slot_off(mem, (uint32_t)slot);
+		xn_chain_read(mem, ch, XN_VNET_HDR_LEN, xn_umem_ptr(mem, off), len);
 		qp->ctr->tx_copied_frames++;
 		qp->ctr->tx_copied_bytes += len;
 	} else {
@@ -298,9 +243,7 @@ int xn_tx_send(struct xn_qp *qp)
 		xn_qp_local_macs_sync(qp);
 	n = (uint32_t)avail < qp->batch ? (uint32_t)avail : qp->batch;
 	while (taken < n) {
-		uint16_t head = XN_ACCESS_ONCE(vq->avail->ring[vq->last_avail & (vq->num - 1)]);
-
-		if (tx_one(qp, head) < 0)
+		if (tx_one(qp, xn_vq_head(vq)) < 0)
 			break;
 		vq->last_avail++;
 		taken++;

@@ -17,18 +17,6 @@
 #include "dp.h"
 
 /**
- * xn_umem_ptr() - pointer to a byte of the UMEM range
- * @mem:	the UMEM map
- * @off:	UMEM offset (caller checked it is inside)
- *
- * Return: the address in this process.
- */
-uint8_t *xn_umem_ptr(const struct xn_memmap *mem, uint64_t off)
-{
-	return mem->base + off;
-}
-
-/**
  * xn_translate() - translate a guest-physical range to a UMEM offset
  * @mem:	the UMEM map
  * @gpa:	guest physical address
@@ -246,6 +234,64 @@ int xn_vq_walk(const struct xn_memmap *mem, struct xn_vq *vq, uint16_t head,
 broken:
 	xn_vq_break(vq, reason);
 	return -EIO;
+}
+
+/**
+ * chain_copy() - copy @len bytes between @buf and a walked chain, from
+ * byte @skip of the chain on
+ * @to_chain:	true: @buf -> chain; false: chain -> @buf
+ *
+ * Return: bytes copied (less than @len if the chain is shorter).
+ */
+static uint32_t chain_copy(const struct xn_memmap *mem, const struct xn_chain *ch,
+			   uint32_t skip, uint8_t *buf, uint32_t len, bool to_chain)
+{
+	uint32_t done = 0, i;
+
+	for (i = 0; i < ch->nseg && done < len; i++) {
+		uint32_t n = ch->seg[i].len;
+		uint8_t *p;
+
+		if (skip >= n) {
+			skip -= n;
+			continue;
+		}
+		n -= skip;
+		if (n > len - done)
+			n = len - done;
+		p = xn_umem_ptr(mem, ch->seg[i].off + skip);
+		if (to_chain)
+			memcpy(p, buf + done, n);
+		else
+			memcpy(buf + done, p, n);
+		done += n;
+		skip = 0;
+	}
+	return done;
+}
+
+/**
+ * xn_chain_read() - copy up to @len bytes out of a walked chain, from
+ * byte @skip of the chain on, into @dst
+ *
+ * Return: bytes copied (less than @len if the chain is shorter).
+ */
+uint32_t xn_chain_read(const struct xn_memmap *mem, const struct xn_chain *ch, uint32_t skip,
+		       uint8_t *dst, uint32_t len)
+{
+	return chain_copy(mem, ch, skip, dst, len, false);
+}
+
+/**
+ * xn_chain_write() - copy up to @len bytes from @src into a walked chain,
+ * from byte @skip of the chain on
+ *
+ * Return: bytes copied (less than @len if the chain is shorter).
+ */
+uint32_t xn_chain_write(const struct xn_memmap *mem, const struct xn_chain *ch, uint32_t skip,
+			const uint8_t *src, uint32_t len)
+{
+	return chain_copy(mem, ch, skip, (uint8_t *)src, len, true);
 }
 
 /**

@@ -93,7 +93,6 @@ struct xn_vring_config {
 	uint16_t pad0;
 	int32_t kick_fd;        /* eventfd the guest signals; -1 = none */
 	int32_t call_fd;        /* eventfd we signal; -1 = none */
-	int32_t err_fd;         /* eventfd for errors; -1 = none */
 };
 
 /*
@@ -113,8 +112,12 @@ struct xn_counters {
 	uint64_t tx_zero_copy_frames;   /* handed to the tx ring straight from guest memory */
 	uint64_t tx_copied_frames;      /* linearised into the bounce area */
 	uint64_t tx_copied_bytes;
-	uint64_t drop_no_rx_buffer;     /* kernel: fill ring empty or rx ring full (both sockets) */
-	uint64_t drop_too_large;        /* kernel rx_dropped + tx frames over the limit */
+	uint64_t drop_no_rx_buffer;     /* rx frames in a bounce slot with too few guest buffers
+	                                   waiting (the kernel's own: kernel_fill_empty,
+	                                   kernel_rx_ring_full; xdpnet/stats.py adds them up) */
+	uint64_t drop_too_large;        /* rx frames the waiting guest buffers cannot hold (no
+	                                   MRG_RXBUF), tx frames over a chunk (the kernel's own:
+	                                   kernel_rx_dropped, see xdpnet/stats.py) */
 	uint64_t drop_invalid_desc;     /* descriptors refused (queue then stops) */
 	uint64_t drop_tx_error;         /* sendto() refused the frame (e.g. MTU) */
 	uint64_t rx_notify;             /* call eventfd writes for the rx ring */
@@ -132,7 +135,10 @@ struct xn_counters {
 	uint64_t tx_used_idx;
 	uint64_t rx_broken;             /* XN_BROKEN_* reason the rx queue stopped, 0 = fine */
 	uint64_t tx_broken;
-	uint64_t kernel_rx_dropped;     /* XDP_STATISTICS summed over the pair's sockets */
+	uint64_t kernel_rx_dropped;     /* XDP_STATISTICS summed over the pair's sockets, and
+	                                   over earlier pairs on this block (keep counting
+	                                   across a restart); rx_dropped includes the frames
+	                                   counted in kernel_fill_empty (copy mode) */
 	uint64_t kernel_rx_invalid;
 	uint64_t kernel_tx_invalid;
 	uint64_t kernel_rx_ring_full;

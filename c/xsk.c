@@ -27,9 +27,6 @@
 #ifndef XDP_MAX_TX_SKB_BUDGET
 #define XDP_MAX_TX_SKB_BUDGET 9         /* Linux 6.16+ */
 #endif
-#ifndef SOL_XDP
-#define SOL_XDP 283
-#endif
 
 /**
  * xn_umem_create() - register the UMEM range described by @mem
@@ -70,7 +67,7 @@ int xn_umem_create(struct xn_umem **out, const struct xn_memmap *mem,
 	return 0;
 }
 
-/* xn_umem_destroy() - unregister a UMEM that has no sockets left. */
+/* xn_umem_destroy() - unregister a UMEM whose sockets are all destroyed. */
 void xn_umem_destroy(struct xn_umem *umem)
 {
 	if (!umem)
@@ -186,7 +183,7 @@ static int xsk_new(struct xn_xsk **out, struct xn_umem *umem, const char *ifname
 		   uint32_t queue, uint32_t ring_size, bool zerocopy)
 {
 	uint16_t flags = XDP_USE_NEED_WAKEUP | (zerocopy ? XDP_ZEROCOPY : XDP_COPY);
-	bool first = umem->nsockets == 0;
+	bool first = !umem->bound_once;
 	struct xn_xsk *x;
 	int err, budget = (int)ring_size;
 
@@ -208,6 +205,7 @@ static int xsk_new(struct xn_xsk **out, struct xn_umem *umem, const char *ifname
 		x->fill = umem->fill;
 		x->comp = umem->comp;
 		umem->zerocopy = zerocopy;
+		umem->bound_once = true;
 	}
 	umem->nsockets++;
 	/* Let one sendto() push the whole tx ring in copy mode (6.16+);
@@ -235,12 +233,13 @@ static int xsk_new(struct xn_xsk **out, struct xn_umem *umem, const char *ifname
  * over the same memory: xn_xsk_create_shared().
  *
  * Return: 0, or -errno (-EBUSY: the queue has another UMEM bound; -EINVAL:
- * @umem already has a socket).
+ * @umem has had a socket already, even one destroyed since: its fill and
+ * completion rings went with that one).
  */
 int xn_xsk_create(struct xn_xsk **out, struct xn_umem *umem, const char *ifname,
 		  uint32_t queue, uint32_t ring_size, int mode)
 {
-	if (umem->nsockets)
+	if (umem->bound_once)
 		return -EINVAL;
 	return xsk_new(out, umem, ifname, queue, ring_size, mode == XN_XSK_MODE_ZEROCOPY);
 }
@@ -249,7 +248,7 @@ int xn_xsk_create(struct xn_xsk **out, struct xn_umem *umem, const char *ifname,
  * xn_xsk_create_shared() - bind one more socket over @umem's memory on
  * another device or queue (XDP_SHARED_UMEM): the pages are pinned once
  * @out:	set to the new socket
- * @umem:	a UMEM that already has a socket (xn_xsk_create())
+ * @umem:	a UMEM that has a socket (xn_xsk_create()) now
  * @ifname:	device, e.g. the VM's port
  * @queue:	its queue
  * @ring_size:	entries of each of its rings (power of two)
@@ -260,7 +259,8 @@ int xn_xsk_create(struct xn_xsk **out, struct xn_umem *umem, const char *ifname,
  * does zero-copy too (veth cannot: -EOPNOTSUPP; the caller then registers
  * a second UMEM).
  *
- * Return: 0, or -errno (-EINVAL: @umem has no socket yet).
+ * Return: 0, or -errno (-EINVAL: @umem has no socket now; libxdp binds
+ * a shared socket only beside a live one).
  */
 int xn_xsk_create_shared(struct xn_xsk **out, struct xn_umem *umem, const char *ifname,
 			 uint32_t queue, uint32_t ring_size)

@@ -192,16 +192,18 @@ class NetBackend:
             bases = {p: self._stop_pair(p) for p in running}
             old = (self.memory, self._spare_umem)
             self.memory, self._spare_umem = new, spare
-            for p, (rx, tx) in bases.items():
-                self._vrings[2 * p].base, self._vrings[2 * p + 1].base = rx, tx
-                self._start_pair(p)
-            t2 = time.monotonic()
-            # Unmapping the old range (page tables of all of guest RAM) is
-            # not part of the pause.
-            for thing in (old[1], old[0]):
-                if thing is not None:
-                    thing.close()
-            self._start_watch()
+            try:
+                for p, (rx, tx) in bases.items():
+                    self._vrings[2 * p].base, self._vrings[2 * p + 1].base = rx, tx
+                    self._start_pair(p)
+            finally:
+                t2 = time.monotonic()
+                # The old range goes even if a restart failed.  Unmapping it
+                # (page tables of all of guest RAM) is not part of the pause.
+                for thing in (old[1], old[0]):
+                    if thing is not None:
+                        thing.close()
+                self._start_watch()
             reg_ms, pause_ms = (t1 - t0) * 1000, (t2 - t1) * 1000
             self.last_register_ms = reg_ms
             sizes = "+".join(f"{r.size >> 20}M" for r in regions)
@@ -372,8 +374,6 @@ class NetBackend:
                 port, port_umem = self._bind_port(p, umem, first=xsk is None)
             per_pair = self.memory.layout.bounce_slots // cfg.pairs
             ctr = self.counters[p]
-            ctr.ptr.rx_broken = 0
-            ctr.ptr.tx_broken = 0
             qp = QueuePair(p, self.memory, xsk, rx, tx, self.features, ctr,
                            bounce_first=p * per_pair, bounce_count=per_pair, batch=cfg.batch,
                            busy_poll_us=cfg.busy_poll_us, port=port, vm_mac=cfg.vm_mac,

@@ -22,11 +22,13 @@ TOTALS = ("rx_frames", "rx_bytes", "rx_zero_copy_frames", "rx_copied_frames", "r
 def drops(snap: dict[str, int]) -> dict[str, int]:
     """Drops by cause of one counter snapshot.
 
-    ``too_large`` folds in the kernel's own count (frames over the UMEM
-    frame cap, ``kernel_rx_dropped``) so no cause is hidden.
+    Each cause folds in the kernel's own counts (XDP_STATISTICS) so none
+    is hidden: ``no_rx_buffer`` the frames that found the fill ring empty
+    or the rx ring full, ``too_large`` the frames over the UMEM frame cap.
     """
     return {
-        "no_rx_buffer": snap["drop_no_rx_buffer"],
+        "no_rx_buffer": (snap["drop_no_rx_buffer"] + snap["kernel_fill_empty"]
+                         + snap["kernel_rx_ring_full"]),
         # The kernel's rx_dropped counts frames over the frame cap *and*
         # frames that found the fill ring empty; the latter are no_rx_buffer.
         "too_large": snap["drop_too_large"] + max(0, snap["kernel_rx_dropped"]

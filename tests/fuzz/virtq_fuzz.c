@@ -6,8 +6,9 @@
  * INDIRECT_DESC, direction, last_avail_idx), the rest is written over two
  * guest memory regions holding the descriptor table, the avail ring, the
  * indirect tables and buffers.  The harness then serves the queue as the
- * datapath does: xn_vq_avail(), xn_vq_walk() of every head, used ring,
- * notify, kick suppression, until the queue is empty or broken.
+ * datapath does: xn_vq_avail(), xn_vq_walk() of every head, a copy into
+ * (rx) or out of (tx) the chain, used ring, notify, kick suppression,
+ * until the queue is empty or broken.
  *
  * Invariants checked (abort() = a finding):
  *   - every piece of a walked chain lies inside ONE region's part of the
@@ -15,7 +16,9 @@
  *   - a chain never totals more than 64 KiB + the virtio-net header;
  *   - a broken queue reports a known XN_BROKEN_* reason and is never
  *     served again;
- *   - no more entries are taken than the queue size per round.
+ *   - no more entries are taken than the queue size per round;
+ *   - xn_chain_read()/xn_chain_write() of a walked chain copy exactly the
+ *     bytes it holds past the offset asked for (or the length asked for).
  * ASan/UBSan (tools/fuzz builds with both) catch any out-of-bounds read
  * of the rings themselves.
  *
@@ -49,6 +52,30 @@ static int in_region(const struct xn_memmap *m, uint64_t off, uint64_t len)
 	return 0;
 }
 
+/*
+ * check_copy() - read (tx) or write (rx) a chain as the datapath does,
+ * from byte @skip on: ASan catches any access outside the pieces' UMEM
+ * range; the count must be what the chain holds past @skip.
+ */
+static void check_copy(const struct xn_memmap *m, const struct xn_chain *ch, bool writes,
+		       uint32_t skip)
+{
+	static uint8_t buf[65536 + XN_VNET_HDR_LEN];
+	uint32_t want = ch->total > skip ? ch->total - skip : 0, got;
+
+	if (writes) {
+		memset(buf, 0xa5, want);
+		got = xn_chain_write(m, ch, skip, buf, sizeof(buf));
+	} else {
+		got = xn_chain_read(m, ch, skip, buf, sizeof(buf));
+	}
+	if (got != want)
+		abort();
+	/* A short copy stops at @len. */
+	if (xn_chain_read(m, ch, skip, buf, want / 2) != want / 2)
+		abort();
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	struct xn_memmap m = { 0 };
@@ -69,7 +96,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	c.num = num;
 	c.enabled = 1;
 	c.last_avail_idx = (uint16_t)(data[2] | data[3] << 8);
-	c.kick_fd = c.call_fd = c.err_fd = -1;
+	c.kick_fd = c.call_fd = -1;
 	/* desc table, avail and used rings at the start of region 0 */
 	c.desc_off = R0_OFF;
 	c.avail_off = R0_OFF + 16 * num;
@@ -111,7 +138,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (n == 0)
 			break;
 		for (int k = 0; k < n; k++) {
-			uint16_t head = vq.avail->ring[vq.last_avail & (num - 1)];
+			uint16_t head = xn_vq_head(&vq);
 
 			if (xn_vq_walk(&m, &vq, head, &ch)) {
 				if (!broken)
@@ -124,6 +151,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			for (uint16_t s = 0; s < ch.nseg; s++)
 				if (!in_region(&m, ch.seg[s].off, ch.seg[s].len))
 					abort();
+			check_copy(&m, &ch, vq.device_writes, data[1] >> 3);
 			vq.last_avail++;
 			xn_vq_used_add(&vq, head, vq.device_writes ? ch.total : 0);
 		}

@@ -20,21 +20,22 @@ import mmap
 import os
 from dataclasses import dataclass
 
-from xdpnet._native import ffi
+from xdpnet._native import ffi, lib
 
 COUNTER_SIZE = ffi.sizeof("struct xn_counters")
 FIELDS = [name for name, _ in ffi.typeof("struct xn_counters").fields if name != "reserved"]
 
 BROKEN_REASONS = {
-    0: "ok",
-    1: "descriptor outside guest memory",
-    2: "descriptor chain loops or is longer than the queue",
-    3: "bad indirect descriptor (nested, with NEXT, or bad table)",
-    4: "descriptor of the wrong direction (write-only on tx or read-only on rx)",
-    5: "avail index more than the queue size ahead",
-    6: "descriptor head index beyond the queue",
-    7: "zero-length descriptor",
-    8: "guest memory vanished (the frontend truncated its file: SIGBUS caught)",
+    lib.XN_BROKEN_NONE: "ok",
+    lib.XN_BROKEN_DESC_ADDR: "descriptor outside guest memory",
+    lib.XN_BROKEN_DESC_CHAIN: "descriptor chain loops or is longer than the queue",
+    lib.XN_BROKEN_DESC_INDIRECT: "bad indirect descriptor (nested, with NEXT, or bad table)",
+    lib.XN_BROKEN_DESC_DIRECTION: ("descriptor of the wrong direction (write-only on tx or "
+                                   "read-only on rx)"),
+    lib.XN_BROKEN_AVAIL_IDX: "avail index more than the queue size ahead",
+    lib.XN_BROKEN_DESC_HEAD: "descriptor head index beyond the queue",
+    lib.XN_BROKEN_DESC_LEN: "zero-length descriptor",
+    lib.XN_BROKEN_MEMORY: "guest memory vanished (the frontend truncated its file: SIGBUS caught)",
 }
 
 

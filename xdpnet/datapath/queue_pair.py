@@ -49,14 +49,6 @@ def _fill_ring(c, r: RingConfig) -> None:
     c.last_avail_idx = r.last_avail
     c.kick_fd = r.kick_fd
     c.call_fd = r.call_fd
-    c.err_fd = -1
-
-
-def mac_to_u64(mac: bytes) -> int:
-    """The datapath's u64 form of a MAC (c/xdpnet.h): wire-order bytes, little-endian."""
-    if len(mac) != 6:
-        raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
-    return int.from_bytes(bytes(mac) + b"\0\0", "little")
 
 
 class QueuePair:
@@ -64,7 +56,7 @@ class QueuePair:
 
     ``xsk`` is the direct socket (a NIC queue), ``port`` the socket on the
     VM's port device; either may be None, not both.  ``vm_mac`` (u64, see
-    :func:`mac_to_u64`; 0 = no check) is the only source MAC the guest may
+    :func:`xdpnet.net.mac.mac_to_u64`; 0 = no check) is the only source MAC the guest may
     send from.  ``port_fill_target`` rx buffers (0: min(256, ring / 4)) are
     kept on the port socket's fill ring when there is a direct socket too.
     """
@@ -89,8 +81,6 @@ class QueuePair:
         cfg.bounce_count = bounce_count
         cfg.batch = batch
         cfg.busy_poll_us = busy_poll_us
-        # A ring without a kick fd is polled (vhost-user: bit 8 of SET_VRING_KICK).
-        cfg.poll_timeout_ms = 1 if rx.kick_fd < 0 or tx.kick_fd < 0 else 0
         out = ffi.new("struct xn_qp **")
         err = lib.xn_qp_create(out, cfg, counters.ptr)
         if err:
@@ -129,7 +119,7 @@ class QueuePair:
         lib.xn_qp_set_call_fd(self.ptr, ring, fd)
 
     def set_local_macs(self, macs: list[int]) -> None:
-        """Frames to these MACs (u64, :func:`mac_to_u64`: the other VMs on
+        """Frames to these MACs (u64, :func:`xdpnet.net.mac.mac_to_u64`: the other VMs on
         the NIC) leave on the port socket; safe while running."""
         arr = ffi.new("uint64_t[]", list(macs) or [0])
         err = lib.xn_qp_set_local_macs(self.ptr, arr, len(macs))

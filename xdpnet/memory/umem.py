@@ -31,8 +31,6 @@ log = logging.getLogger("xdpnet.memory")
 
 LEAD_PAD = 2 << 20
 ALIGN = 2 << 20
-XDP_PACKET_HEADROOM = 256
-VNET_HDR_LEN = 12
 
 
 def _align_up(v: int, a: int) -> int:
@@ -47,19 +45,26 @@ class FrameGeometry:
     max_frame: int = 1518
 
     def __post_init__(self) -> None:
+        from xdpnet._native import lib
+
         if self.max_frame < 60 or self.headroom < 0:
             raise UsageError(f"max frame {self.max_frame} does not fit a "
-                              f"{self.chunk_size}-byte chunk with 256 bytes of XDP headroom")
+                              f"{self.chunk_size}-byte chunk with {lib.XN_XDP_HEADROOM} bytes "
+                              f"of XDP headroom")
 
     @property
     def headroom(self) -> int:
         """UMEM headroom: what makes max_frame a kernel-enforced cap."""
-        return self.chunk_size - XDP_PACKET_HEADROOM - self.max_frame
+        from xdpnet._native import lib
+
+        return self.chunk_size - lib.XN_XDP_HEADROOM - self.max_frame
 
     @property
     def min_direct_buffer(self) -> int:
         """Smallest guest rx buffer that may go to the fill ring as is."""
-        return VNET_HDR_LEN + self.max_frame
+        from xdpnet._native import lib
+
+        return lib.XN_VNET_HDR_LEN + self.max_frame
 
 
 @dataclass(frozen=True)
