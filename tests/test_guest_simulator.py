@@ -29,7 +29,7 @@ import pytest
 from xdpnet._native import ffi, lib
 from xdpnet.errors import UsageError
 from xdpnet.guest import DEFAULT_FEATURES, BackendRefused, VirtioNetSimulator
-from xdpnet.guest.simulator import parse_mac
+from xdpnet.net.mac import parse_mac
 from xdpnet.vhost import protocol as P
 
 F = P.VirtioFeature

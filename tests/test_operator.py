@@ -28,7 +28,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from helpers_serve import REPO, has_xdp, run_xdpnet, serve_pids, xdpnet_cmd, xdpnet_env
+from helpers_serve import (NOBODY, REPO, has_xdp, run_xdpnet, serve_pids, xdpnet_cmd,
+                           xdpnet_env)
 
 from xdpnet.errors import EXIT_BUSY, EXIT_PRIVILEGE, EXIT_USAGE
 from xdpnet.operator import snippets
@@ -174,6 +175,35 @@ def test_list_and_stats_with_no_vms(tmp_path):
         assert json.loads(r.stdout)["vms"] == []
     r = run_xdpnet("qemu-args", "nosuchvm", env=env)
     assert r.returncode == EXIT_USAGE and "nosuchvm" in r.stderr
+
+
+def test_a_zombie_is_not_alive():
+    """An exited process its parent has not reaped yet counts as gone: a
+    VM whose serve died is dead (and its steering reapable) at once."""
+    from xdpnet.operator.registry import VmRecord
+    from xdpnet.rundirs import proc_start, process_alive
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        start = proc_start(child.pid)
+        assert start is not None and process_alive(child.pid, start)
+        rec = VmRecord(name="z", pid=child.pid, pid_start=start, iface="lo", queues=[0],
+                       port_pairs=0, mac=MAC, socket="/nonexistent")
+        assert rec.alive()
+        child.kill()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with open(f"/proc/{child.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        assert os.path.exists(f"/proc/{child.pid}")            # not reaped yet
+        assert proc_start(child.pid) is None
+        assert not process_alive(child.pid, start) and not rec.alive()
+        assert rec.status() == "dead"
+    finally:
+        child.kill()
+        child.wait()
 
 
 # ---- attached VMs ---------------------------------------------------------------
@@ -489,8 +519,8 @@ def test_qemu_starts_on_generated_args_and_connects(op, accel):
 
 # ---- refusals: nothing half-attached ------------------------------------------------
 
-@pytest.mark.parametrize("case", ["missing-iface", "queue-beyond", "bad-mac", "existing-name",
-                                  "existing-socket", "refused-by-serve"])
+@pytest.mark.parametrize("case", ["missing-iface", "queue-beyond", "bad-mac", "zero-mac",
+                                  "existing-name", "existing-socket", "refused-by-serve"])
 def test_attach_refusal_leaves_nothing(op, case, tmp_path):
     nic, queue, mac, name = op.bed2.nic, "0", MAC2, "vm2"
     sock, extra = str(tmp_path / "vm2.sock"), ()
@@ -502,6 +532,8 @@ def test_attach_refusal_leaves_nothing(op, case, tmp_path):
         queue, words = "1", ("queue 1", "1 channel")
     elif case == "bad-mac":
         mac, words = "52:54:00:0e:00", ("52:54:00:0e:00",)
+    elif case == "zero-mac":                # refused before a serve process starts
+        mac, words = "00:00:00:00:00:00", ("00:00:00:00:00:00", "not a VM's MAC")
     elif case == "existing-name":
         name, code, words = "vm1", EXIT_BUSY, ("vm1", "already attached")
     elif case == "existing-socket":
@@ -533,7 +565,7 @@ def test_attach_refusal_leaves_nothing(op, case, tmp_path):
 def test_attach_without_privilege_exits_3(beds, tmp_path):
     os.chmod(tmp_path, 0o777)
     sock = str(tmp_path / "vm.sock")
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+    r = subprocess.run([*NOBODY,
                         *xdpnet_cmd("attach", beds[1].nic, "--queue", "0", "--mac", MAC2,
                                     "--socket", sock)],
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,

@@ -38,6 +38,7 @@ import time
 import uuid
 
 import pytest
+from helpers_serve import NOBODY, REPO
 
 from xdpnet.errors import BusyError, DependencyError, UsageError, XdpnetError
 from xdpnet.net.mac import parse_mac
@@ -61,7 +62,6 @@ MCAST = "01:00:5e:00:00:fb"
 ETHERTYPE = 0x88B5
 ETH_P_ALL = 0x0003
 SOL_PACKET, PACKET_QDISC_BYPASS = 263, 20
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sh(*cmd: str, check: bool = True) -> str:
@@ -476,6 +476,47 @@ def test_add_vm_validation(shared):
     assert (nic.vms(), ports_of(lk.nic_ifindex), sorted(os.listdir(nic.pin_dir))) == before
 
 
+def test_ntuple_rule_removed_when_add_vm_fails_after_it(shared, monkeypatch):
+    """The hardware rule is added last; if recording it fails, the rule and
+    the VM go (veth has no ntuple filters: the ethtool calls are faked)."""
+    from xdpnet.steering import maps as maps_mod
+    from xdpnet.steering import nic as nic_mod
+
+    lk, nic = shared
+    before = (nic.vms(), ports_of(lk.nic_ifindex))
+    deleted = []
+    monkeypatch.setattr(nic_mod, "_ntuple_add", lambda *a: 7)
+    monkeypatch.setattr(nic_mod, "_ntuple_del", lambda ifname, loc: deleted.append(loc))
+    real_set_vm = maps_mod.MapSet.set_vm
+
+    def set_vm(self, rec):
+        if rec.ntuple_loc:
+            raise XdpnetError("cannot update map vms: injected")
+        real_set_vm(self, rec)
+
+    monkeypatch.setattr(maps_mod.MapSet, "set_vm", set_vm)
+    with pytest.raises(XdpnetError, match="injected"):
+        nic.add_vm(VM_MAC, 1518, (0,), 1)
+    assert deleted == [7]
+    assert (nic.vms(), ports_of(lk.nic_ifindex)) == before
+
+
+def test_release_dead_closes_its_fds_when_opening_the_maps_fails(shared, monkeypatch):
+    from xdpnet.steering import nic as nic_mod
+
+    lk, nic = shared
+
+    def broken(pin_dir):
+        raise XdpnetError("injected")
+
+    monkeypatch.setattr(nic_mod.MapSet, "open", staticmethod(broken))
+    fds = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(XdpnetError, match="injected"):
+        nic_mod.release_dead(lk.nic)            # the programs opened, then the maps failed
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+    assert KEEPER_MAC in [v.mac for v in nic.vms()]
+
+
 def test_set_xsk_validation(vm):
     lk, nic, v = vm
     with pytest.raises(UsageError, match="not one of"):
@@ -842,8 +883,7 @@ def test_unprivileged_is_privilege_error(link):
             "from xdpnet.errors import PrivilegeError\n"
             f"try:\n    NicSteering({link.nic!r})\n"
             "except PrivilegeError as e:\n    print('PRIV', e.exit_code)\n")
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        "--inh-caps=-all", sys.executable,
+    r = subprocess.run([*NOBODY, "--inh-caps=-all", sys.executable,
                         "-c", code], capture_output=True, text=True, cwd=REPO)
     assert "PRIV 3" in r.stdout, r.stderr
     assert link.clean()

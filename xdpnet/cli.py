@@ -339,12 +339,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _serve_options(args: argparse.Namespace, queues: str | None, port_pairs: int):
     from xdpnet.serve import ServeOptions, parse_queues
 
-    if queues is None and not port_pairs:
-        raise UsageError("which NIC queue(s)? give --queue Q (or a port-only VM's pairs)")
-    if queues is not None and port_pairs:
-        raise UsageError("--queue and port-only pairs exclude each other")
-    if port_pairs < 0:
-        raise UsageError(f"queue pairs {port_pairs}: must be >= 1")
+    # NIC queues vs port-only pairs: checked by serve.validate
     return ServeOptions(args.iface, parse_queues(queues) if queues is not None else (),
                         args.mac, args.socket, args.xdp_mode, args.max_frame, args.guest_mem,
                         args.socket_group, name=args.name, state_dir=args.state_dir,
@@ -454,12 +449,9 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace):
-    from xdpnet.operator.registry import Registry, check_name
+    from xdpnet.operator.registry import Registry
 
-    rec = Registry(args.state_dir).read(check_name(args.name))
-    if rec is None:
-        raise UsageError(f"no VM named {args.name!r} is attached (xdpnet list shows them)")
-    return rec
+    return Registry(args.state_dir).get(args.name)
 
 
 def _cmd_qemu_args(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Run-time directories and lock files xdpnet creates, and removes again.
+"""Run-time directories and lock files xdpnet creates, and removes again;
+whether the process that owns one still runs.
 
 Pins under /sys/fs/bpf/xdpnet, lock and owner files under /run/xdpnet:
 whoever removes the last entry removes the directory too, so nothing is
@@ -119,6 +120,30 @@ def _acquire(fd: int, path: str, deadline: float | None, timeout: float | None) 
             time.sleep(0.02)
 
 
+def proc_start(pid: int) -> int | None:
+    """Start time of process *pid* in clock ticks since boot (field 22 of
+    ``/proc/PID/stat``); None if there is no such process or it has exited
+    (a zombie its parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    try:
+        fields = stat.rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def process_alive(pid: int, start: int | None) -> bool:
+    """True while process *pid* started at *start* (:func:`proc_start`)
+    runs: a recycled pid has another start time, a zombie counts as gone.
+    Owners are identified this way in the VM registry, the steering maps
+    and the test-bed owner files."""
+    return pid > 0 and start is not None and proc_start(pid) == start
+
+
 def _same_file(fd: int, path: str) -> bool:
     """Does *path* still name the file open as *fd*?"""
     try:
@@ -128,4 +153,5 @@ def _same_file(fd: int, path: str) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-__all__ = ["RUN_DIR", "flocked", "make_dirs", "open_in", "remove_empty"]
+__all__ = ["RUN_DIR", "flocked", "make_dirs", "open_in", "proc_start", "process_alive",
+           "remove_empty"]

@@ -1,7 +1,7 @@
 """``xdpnet serve``: serve one VM's virtio-net over AF_XDP on a NIC queue.
 
 Set-up order, each step failing with one line and nothing left behind:
-privileges, MAC, interface and queues, zero-copy probe, (with ``--name``)
+NIC queues or port-only pairs, privileges, MAC, interface and queues, zero-copy probe, (with ``--name``)
 the VM's registry record, XDP program, vhost-user socket.  Then the QEMU
 options the VM needs are printed and the backend serves frontends (one
 at a time, reconnects included) until SIGINT/SIGTERM.
@@ -16,6 +16,7 @@ once its socket listens and removes record and files when it exits.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -28,9 +29,10 @@ from xdpnet import privilege
 from xdpnet.errors import UsageError
 from xdpnet.memory.umem import FrameGeometry
 from xdpnet.net.device import NetDevice
-from xdpnet.net.mac import format_mac, parse_mac
+from xdpnet.net.mac import format_mac, vm_mac
 from xdpnet.operator import snippets
-from xdpnet.operator.registry import Registry, VmRecord, check_name, proc_start
+from xdpnet.operator.registry import Registry, VmRecord, check_name
+from xdpnet.rundirs import proc_start
 
 if TYPE_CHECKING:
     from xdpnet.backend import NetBackend
@@ -84,37 +86,41 @@ def qemu_args(opts: ServeOptions, name: str = "net0") -> list[str]:
     return snippets.qemu_args(opts.socket, opts.mac, opts.pairs, opts.guest_mem, name=name)
 
 
-def validate(opts: ServeOptions, what: str = "xdpnet serve") -> NetDevice:
-    """Everything that can be checked without touching the NIC: privilege,
-    name, MAC, interface, queues (raises; exit codes in xdpnet.errors)."""
+def validate(opts: ServeOptions, what: str = "xdpnet serve") -> ServeOptions:
+    """Everything that can be checked without touching the NIC: NIC queues
+    or port-only pairs, privilege, name, MAC, interface, queues (raises;
+    exit codes in xdpnet.errors).  Returns *opts* with the MAC normalised
+    (``52:54:00:12:34:56``)."""
+    if opts.port_pairs < 0:
+        raise UsageError(f"port-only pairs {opts.port_pairs}: must be >= 1")
+    if opts.queues and opts.port_pairs:
+        raise UsageError("NIC queues (--queue) and port-only pairs exclude each other: "
+                         "give one of them")
+    if not opts.queues and not opts.port_pairs:
+        raise UsageError("which NIC queue(s)? give --queue Q (or a port-only VM's pairs)")
     privilege.require(what)
     if opts.name is not None:
         check_name(opts.name)
-    if bool(opts.queues) == bool(opts.port_pairs):
-        raise UsageError("give NIC queues (--queue) or a number of port-only pairs, not both")
-    if opts.port_pairs < 0:
-        raise UsageError(f"port-only pairs {opts.port_pairs}: must be >= 1")
-    mac = parse_mac(opts.mac)
-    if mac[0] & 1:
-        raise UsageError(f"{opts.mac} is a multicast address, not a VM's MAC")
+    mac = format_mac(vm_mac(opts.mac))
     dev = NetDevice.lookup(opts.iface)
     for q in opts.queues:
         dev.validate_queue(q)
-    return dev
+    return dataclasses.replace(opts, mac=mac)
 
 
-def prepare(opts: ServeOptions) -> tuple[FrameGeometry, bool]:
-    """Validate everything that can be checked before touching the NIC."""
+def prepare(opts: ServeOptions) -> tuple[ServeOptions, FrameGeometry, bool]:
+    """Validate everything that can be checked before touching the NIC
+    (returns the validated options), probe zero-copy."""
     from xdpnet.datapath.xsk import probe_zerocopy
 
-    validate(opts)
+    opts = validate(opts)
     geometry = FrameGeometry(max_frame=opts.max_frame)
     zc = bool(opts.queues) and all(probe_zerocopy(opts.iface, q) for q in opts.queues)
     if opts.queues and not zc:
         print(f"xdpnet: {opts.iface} does not support zero-copy AF_XDP: using copy mode "
               f"(the kernel copies each frame into guest memory; no userspace copy)",
               file=sys.stderr)
-    return geometry, zc
+    return opts, geometry, zc
 
 
 def run(opts: ServeOptions, ready: threading.Event | None = None,
@@ -122,7 +128,7 @@ def run(opts: ServeOptions, ready: threading.Event | None = None,
     """Serve until SIGINT/SIGTERM (or ``stop``); returns the exit status."""
     from xdpnet.attachment import Attachment
 
-    geometry, zc = prepare(opts)
+    opts, geometry, zc = prepare(opts)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         # From here on a signal stops serving cleanly, even during set-up.
@@ -133,24 +139,21 @@ def run(opts: ServeOptions, ready: threading.Event | None = None,
         if opts.name is not None:
             reg, rec = _claim(opts)
             stack.callback(_unregister, reg, rec)
-        if rec is not None:
-            # Other processes map these read-only (stats, top, metrics).
-            os.makedirs(rec.counters_dir, exist_ok=True)
         att = stack.enter_context(
             Attachment(opts.iface, opts.mac, opts.socket, queues=opts.queues,
                        port_pairs=opts.port_pairs, geometry=geometry,
                        xdp_mode=opts.xdp_mode, zerocopy=zc, socket_group=opts.socket_group,
-                       stop_event=stop, counters_dir=rec.counters_dir if rec else None))
+                       stop_event=stop, counters_dir=rec.counters_dir if rec else None,))
         privilege.drop_after_setup()    # issue 7.5: least privilege from here on
         xsk_mode = "zero-copy" if att.zerocopy else "copy"
         if reg is not None and rec is not None:
             reg.update(rec, state="running", vm_id=att.vm_id,
                        xdp_mode=att.steering.xdp_mode, xsk_mode=xsk_mode,
-                       xdp_prog_id=_prog_id(opts.iface, att.steering.xdp_mode))
+                       xdp_prog_id=att.steering.prog_ids()["nic"])
         print("QEMU options for this VM:\n  " + " ".join(qemu_args(opts)), flush=True)
         log.info("serving %s queue(s) %s for %s on %s (XDP %s, AF_XDP %s)%s", opts.iface,
                  ",".join(map(str, opts.queues)) or f"port x{opts.port_pairs}",
-                 format_mac(parse_mac(opts.mac)), opts.socket, att.steering.xdp_mode, xsk_mode,
+                 opts.mac, opts.socket, att.steering.xdp_mode, xsk_mode,
                  f" as VM {opts.name!r}" if opts.name else "")
         watcher = threading.Thread(target=_watch_broken, args=(att.backend, att.stop_event),
                                    daemon=True)
@@ -167,12 +170,12 @@ def _claim(opts: ServeOptions) -> tuple[Registry, VmRecord]:
     reg = Registry(opts.state_dir)
     name = opts.name
     assert name is not None
-    state = reg.state_dir(name)
+    state = reg.state_dir(name)         # counter files: others map them read-only
     os.makedirs(state, mode=0o755, exist_ok=True)
     pid = os.getpid()
     rec = VmRecord(name=name, pid=pid, pid_start=proc_start(pid), iface=opts.iface,
                    queues=list(opts.queues), port_pairs=opts.port_pairs,
-                   mac=format_mac(parse_mac(opts.mac)), socket=os.path.abspath(opts.socket),
+                   mac=opts.mac, socket=os.path.abspath(opts.socket),
                    counters_dir=state,
                    log=reg.log_path(name) if os.path.exists(reg.log_path(name)) else None)
     return reg, reg.claim(rec, takeover_from=os.getppid())
@@ -184,15 +187,6 @@ def _unregister(reg: Registry, rec: VmRecord) -> None:
     reg.remove(rec.name, rec.pid)
     with contextlib.suppress(OSError):
         os.rmdir(reg.state_dir(rec.name))
-
-
-def _prog_id(ifname: str, mode: str) -> int | None:
-    try:
-        from xdpnet.steering.xdp import attached_prog_ids
-
-        return attached_prog_ids(ifname).get(mode)
-    except Exception:       # noqa: BLE001 - informational only
-        return None
 
 
 def _watch_broken(backend: NetBackend, stop: threading.Event) -> None:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from xdpnet._native import ffi, lib
 from xdpnet.errors import UsageError, VhostError, XdpnetError
 from xdpnet.guest.frontend import BackendClosed, VhostUserFrontend
+from xdpnet.net.mac import parse_mac
 from xdpnet.vhost import protocol as P
 
 log = logging.getLogger(__name__)
@@ -57,21 +58,6 @@ F = P.VirtioFeature
 DEFAULT_FEATURES = (P.bit(F.VERSION_1) | P.bit(F.NET_MRG_RXBUF) | P.bit(F.RING_EVENT_IDX)
                     | P.bit(F.RING_INDIRECT_DESC) | P.bit(F.PROTOCOL_FEATURES))
 WANTED_PROTOCOL_FEATURES = P.bit(P.ProtocolFeature.MQ) | P.bit(P.ProtocolFeature.REPLY_ACK)
-
-
-def parse_mac(mac: str | bytes) -> bytes:
-    """``"52:54:00:12:34:56"`` → 6 bytes; :class:`UsageError` if malformed."""
-    if isinstance(mac, (bytes, bytearray)):
-        if len(mac) != 6:
-            raise UsageError(f"MAC address must be 6 bytes, got {len(mac)}")
-        return bytes(mac)
-    parts = mac.split(":")
-    try:
-        if len(parts) != 6 or any(len(p) != 2 for p in parts):
-            raise ValueError
-        return bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise UsageError(f"malformed MAC address {mac!r} (want aa:bb:cc:dd:ee:ff)") from None
 
 
 def _align(x: int, a: int) -> int:

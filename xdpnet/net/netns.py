@@ -41,7 +41,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from xdpnet.errors import DependencyError, PrivilegeError, UsageError, XdpnetError
-from xdpnet.rundirs import RUN_DIR, open_in, remove_empty
+from xdpnet.rundirs import RUN_DIR, open_in, proc_start, process_alive, remove_empty
 
 NETNS_DIR = "/run/netns"
 OWNER_DIR = os.path.join(RUN_DIR, "testbeds")   # one file per live test bed: "<pid> <starttime>"
@@ -219,16 +219,6 @@ def run_in_netns(netns: str, argv: Iterable[str], **kwargs: Any) -> subprocess.C
 
 # ---- owners of test beds ------------------------------------------------
 
-def _proc_starttime(pid: int) -> str | None:
-    """Field 22 of /proc/<pid>/stat (start time in ticks), None if no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
 def _owner_path(name: str) -> str:
     return os.path.join(OWNER_DIR, name)
 
@@ -238,7 +228,7 @@ def _write_owner(name: str) -> None:
     pid = os.getpid()
     fd = open_in(OWNER_DIR, name, os.O_WRONLY | os.O_TRUNC)
     with os.fdopen(fd, "w") as f:
-        f.write(f"{pid} {_proc_starttime(pid)}\n")
+        f.write(f"{pid} {proc_start(pid)}\n")
 
 
 def _owner_alive(name: str) -> bool:
@@ -249,11 +239,10 @@ def _owner_alive(name: str) -> bool:
     """
     try:
         with open(_owner_path(name)) as f:
-            pid_s, start = f.read().split()
-        pid = int(pid_s)
+            pid, start = map(int, f.read().split())
     except (OSError, ValueError):
         return False
-    return _proc_starttime(pid) == start
+    return process_alive(pid, start)
 
 
 def _remove_owner(name: str) -> None:

@@ -43,7 +43,6 @@ COUNTERS = (
     ("xdpnet_tx_notifications", "tx_notify", "Interrupts (call eventfd writes) for the tx ring."),
     ("xdpnet_wakeups", "wakeups", "Datapath thread wake-ups."),
 )
-RING_GAUGES = (("fill", "fill_ring_used"), ("rx", "rx_ring_used"), ("tx", "tx_ring_used"))
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -112,10 +111,11 @@ class XdpnetCollector:
                     ctr[name].add_metric([vm, q], s[fld])
                 for cause, v in stats.drops(s).items():
                     drops.add_metric([vm, q, cause], v)
-                for label, fld in RING_GAUGES:
-                    ring.add_metric([vm, q, label], s[fld])
-                held.add_metric([vm, q, "rx"], s["rx_inflight"])
-                held.add_metric([vm, q, "tx"], s["tx_inflight"])
+                for label, v in stats.rings(s).items():     # fill, rx, tx, rx_held, tx_held
+                    if label.endswith("_held"):
+                        held.add_metric([vm, q, label[:-len("_held")]], v)
+                    else:
+                        ring.add_metric([vm, q, label], v)
                 for d, why in stats.broken(s).items():
                     broken.add_metric([vm, q, d], 1 if why else 0)
         yield from ctr.values()

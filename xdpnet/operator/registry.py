@@ -13,8 +13,9 @@ holds a ``starting`` placeholder (its own pid) while it starts the serve
 process, which takes the record over.  A record whose process is gone
 reads as ``dead``; ``xdpnet detach`` cleans it up.
 
-A process is identified by pid *and* start time (``/proc/PID/stat``
-field 22), so a recycled pid never makes a dead VM look alive.
+A process is identified by pid *and* start time
+(:func:`xdpnet.rundirs.process_alive`), so a recycled pid never makes a
+dead VM look alive, nor does a zombie.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 from xdpnet.errors import BusyError, UsageError
-from xdpnet.rundirs import RUN_DIR, flocked
+from xdpnet.rundirs import RUN_DIR, flocked, process_alive
 
 RUN_DIR_ENV = "XDPNET_RUN_DIR"
 DEFAULT_RUN_DIR = RUN_DIR
@@ -47,21 +48,6 @@ def check_name(name: str) -> str:
         raise UsageError(f"VM name {name!r}: 1-32 characters [A-Za-z0-9_.-], starting with a "
                          "letter or digit")
     return name
-
-
-def proc_start(pid: int) -> int | None:
-    """Start time of process *pid* in clock ticks since boot; None if there is
-    none, or it has exited (a zombie its parent has not reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    try:
-        fields = stat.rsplit(")", 1)[1].split()
-        return None if fields[0] in ("Z", "X") else int(fields[19])
-    except (IndexError, ValueError):
-        return None
 
 
 @dataclass
@@ -92,7 +78,7 @@ class VmRecord:
 
     def alive(self) -> bool:
         """True while the recorded process runs (same pid, same start time)."""
-        return self.pid > 0 and proc_start(self.pid) == self.pid_start
+        return process_alive(self.pid, self.pid_start)
 
     def status(self) -> str:
         """``starting``, ``running`` or ``dead``."""
@@ -134,6 +120,13 @@ class Registry:
         return os.path.join(self.state_dir(name), LOG_FILE)
 
     # -- reading
+
+    def get(self, name: str) -> VmRecord:
+        """The record of *name*; :class:`UsageError` if there is none."""
+        rec = self.read(name)
+        if rec is None:
+            raise UsageError(f"no VM named {name!r} is attached (xdpnet list shows them)")
+        return rec
 
     def read(self, name: str) -> VmRecord | None:
         """The record of *name*, None if there is none (or it is unreadable)."""

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 from xdpnet import stats
 from xdpnet.datapath.counters import CounterBlock
-from xdpnet.errors import UsageError
 from xdpnet.operator.registry import Registry, VmRecord
 
 
@@ -53,33 +52,36 @@ def read_counters(path: str) -> dict[str, int] | None:
         block.close()
 
 
-def read_vm(rec: VmRecord) -> VmReading:
+def read_vm(rec: VmRecord, nics: dict[str, dict | None] | None = None) -> VmReading:
+    """One reading of *rec*.  *nics* caches :func:`steering_counters` by
+    NIC (read_all shares one cache between the VMs of one reading)."""
     state = rec.status()
     pairs = []
     for i, path in enumerate(rec.counter_paths() or [None] * rec.pairs):
         queue = rec.queues[i] if i < len(rec.queues) else None
         snap = read_counters(path) if path and state != "dead" else None
         pairs.append(PairReading(i, queue, snap))
-    nic = steering_counters(rec.iface) if state != "dead" else None
     mine = None
-    if nic is not None:
-        mine = {"verdicts": nic.get("verdicts"),
-                "vm": (nic.get("vms") or {}).get(rec.vm_id)}
+    if state != "dead":
+        nics = {} if nics is None else nics
+        if rec.iface not in nics:
+            nics[rec.iface] = steering_counters(rec.iface)
+        nic = nics[rec.iface]
+        if nic is not None:
+            mine = {"verdicts": nic["verdicts"], "vm": nic["vms"].get(rec.vm_id)}
     return VmReading(rec, state, pairs, steering=mine)
 
 
 def read_all(reg: Registry, name: str | None = None) -> list[VmReading]:
-    """Readings of every VM (or only *name*: UsageError if there is no such VM)."""
-    if name is not None:
-        rec = reg.read(name)
-        if rec is None:
-            raise UsageError(f"no VM named {name!r} is attached (xdpnet list shows them)")
-        return [read_vm(rec)]
-    return [read_vm(r) for r in reg.records()]
+    """Readings of every VM (or only *name*: UsageError if there is no such
+    VM); each NIC's steering counters are read once."""
+    records = [reg.get(name)] if name is not None else reg.records()
+    nics: dict[str, dict | None] = {}
+    return [read_vm(r, nics) for r in records]
 
 
 def steering_counters(ifname: str) -> dict | None:
-    """HOOK: the NIC's BPF counters from its pinned maps, per-CPU values summed,
+    """The NIC's BPF counters from its pinned maps, per-CPU values summed,
     by :func:`xdpnet.steering.read_pinned` (no lock, nothing loaded)::
 
         {"verdicts": {"to_vm": N, "to_host": N, ...},
@@ -95,10 +97,8 @@ def steering_counters(ifname: str) -> dict | None:
         nic = read_pinned(ifname)
     except Exception:       # noqa: BLE001 - no pins, no privilege, no reader: no BPF counters
         return None
-    vms = nic.get("vms") or {}
-    return {"verdicts": dict(nic.get("verdicts") or {}),
-            "vms": {v["vm_id"]: dict(v.get("counters") or {})
-                    for v in (vms.values() if isinstance(vms, dict) else vms)}}
+    return {"verdicts": dict(nic["verdicts"]),
+            "vms": {vm_id: dict(v["counters"]) for vm_id, v in nic["vms"].items()}}
 
 
 # ---- --json shapes (docs/cli.md) ---------------------------------------------

@@ -28,9 +28,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from xdpnet.errors import PrivilegeError, UsageError, XdpnetError
-from xdpnet.net.mac import format_mac, parse_mac
-from xdpnet.operator.registry import Registry, VmRecord, proc_start
+from xdpnet.errors import PrivilegeError, XdpnetError
+from xdpnet.operator.registry import Registry, VmRecord
+from xdpnet.rundirs import proc_start
 from xdpnet.serve import ServeOptions, validate
 
 log = logging.getLogger("xdpnet.operator")
@@ -42,7 +42,7 @@ ERROR_PREFIX = "xdpnet: error: "
 
 def attach(opts: ServeOptions, timeout: float = ATTACH_TIMEOUT, verbose: int = 0) -> VmRecord:
     """Start serving VM ``opts.name`` in the background; returns its record once ready."""
-    validate(opts, "xdpnet attach")
+    opts = validate(opts, "xdpnet attach")         # MAC normalised from here
     assert opts.name is not None
     reg = Registry(opts.state_dir)
     old = reg.read(opts.name)
@@ -51,7 +51,7 @@ def attach(opts: ServeOptions, timeout: float = ATTACH_TIMEOUT, verbose: int = 0
     me = os.getpid()
     placeholder = VmRecord(name=opts.name, pid=me, pid_start=proc_start(me), iface=opts.iface,
                            queues=list(opts.queues), port_pairs=opts.port_pairs,
-                           mac=format_mac(parse_mac(opts.mac)),
+                           mac=opts.mac,
                            socket=os.path.abspath(opts.socket), log=reg.log_path(opts.name))
     reg.claim(placeholder)                  # BusyError: name or socket used by a live VM
     child: subprocess.Popen | None = None
@@ -153,9 +153,7 @@ def detach(name: str, state_dir: str | None = None,
            timeout: float = DETACH_TIMEOUT) -> DetachResult:
     """Stop VM *name* and remove everything it leaves (UsageError if unknown)."""
     reg = Registry(state_dir)
-    rec = reg.read(name)
-    if rec is None:
-        raise UsageError(f"no VM named {name!r} is attached (xdpnet list shows them)")
+    rec = reg.get(name)
     res = DetachResult(name, rec.status())
     if rec.alive():
         res.killed = _terminate(rec.pid, lambda: not rec.alive(), timeout)
@@ -197,7 +195,6 @@ def clean_leftovers(reg: Registry, rec: VmRecord) -> list[str]:
     out = []
     if _remove_stale_socket(rec.socket):
         out.append(rec.socket)
-    _wait_reaped(rec)
     prog = release_nic(reg, rec)
     if prog:
         out.append(prog)
@@ -206,22 +203,6 @@ def clean_leftovers(reg: Registry, rec: VmRecord) -> list[str]:
     if reg.remove(rec.name, rec.pid):
         out.append(reg.record_path(rec.name))
     return out
-
-
-def _wait_reaped(rec: VmRecord, timeout: float = 5.0) -> None:
-    """Give a dead serve process's parent (init, once attach has exited)
-    time to reap it: the steering takes a zombie owner for a live one."""
-    def zombie() -> bool:
-        try:
-            with open(f"/proc/{rec.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return False
-        return fields[0] == "Z" and fields[19] == str(rec.pid_start)
-
-    deadline = time.monotonic() + timeout
-    while zombie() and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _remove_stale_socket(path: str) -> bool:
@@ -252,18 +233,21 @@ def _remove_stale_socket(path: str) -> bool:
 def release_nic(reg: Registry, rec: VmRecord) -> str | None:
     """Undo a dead VM's share of its NIC's steering; returns what was done.
 
-    The NIC's pinned maps still name the VM (its MAC, sockets, port).
-    Opening the NIC's steering reaps the VMs whose owner process is gone;
-    closing the handle tears the NIC down (programs, pins, ports) if no VM
-    is left.  Nothing is opened - nor loaded - on a NIC without pins.
+    The NIC's pinned maps still name the VM (its MAC, sockets, port):
+    :func:`~xdpnet.steering.nic.release_dead` removes the VMs whose owner
+    process is gone and, if none is left, everything xdpnet put on the
+    NIC; for a NIC that no longer exists :func:`sweep_gone_nics` removes
+    what is left of it.  Nothing is loaded; a NIC without pins is left
+    alone.  Best effort: failures are logged.
     """
     try:
-        from xdpnet.steering.nic import NicSteering
+        from xdpnet.steering.nic import release_dead, sweep_gone_nics
         from xdpnet.steering.programs import pin_dir
 
         if not os.path.isdir(pin_dir(rec.iface)):
             return None
-        NicSteering(rec.iface).close()
+        release_dead(rec.iface)
+        sweep_gone_nics([rec.iface])        # only if the NIC is gone (it checks)
     except Exception as e:      # noqa: BLE001 - best effort: the rest is cleaned anyway
         log.warning("steering of %s not released: %s", rec.iface, e)
         return None

@@ -9,13 +9,16 @@ are summed here.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import errno
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from xdpnet.errors import BusyError, PrivilegeError, XdpnetError
+from xdpnet.net.mac import mac_to_u64, u64_to_mac
 from xdpnet.steering.libbpf import libbpf
 
 # Must match bpf/xdpnet_maps.h.
@@ -87,15 +90,6 @@ def mac_key(mac: bytes) -> MacKey:
     return k
 
 
-def mac_u64(mac: bytes) -> int:
-    """The MAC as the u64 the maps hold (wire order in memory)."""
-    return int.from_bytes(mac + b"\0\0", sys.byteorder)
-
-
-def u64_mac(value: int) -> bytes:
-    return value.to_bytes(8, sys.byteorder)[:6]
-
-
 def mask_queues(mask: int) -> tuple[int, ...]:
     return tuple(q for q in range(MAX_QUEUES) if mask >> q & 1)
 
@@ -124,11 +118,11 @@ class VmRecord:
 
     @classmethod
     def from_c(cls, vm_id: int, v: VmInfoC) -> "VmRecord":
-        return cls(vm_id, u64_mac(v.mac), v.max_frame, mask_queues(v.queue_mask), v.port_h,
+        return cls(vm_id, u64_to_mac(v.mac), v.max_frame, mask_queues(v.queue_mask), v.port_h,
                    v.port_p, v.port_queues, v.owner_pid, v.owner_start, v.ntuple_loc)
 
     def to_c(self) -> VmInfoC:
-        return VmInfoC(mac_u64(self.mac), queues_mask(self.nic_queues), self.max_frame,
+        return VmInfoC(mac_to_u64(self.mac), queues_mask(self.nic_queues), self.max_frame,
                        self.port_h, self.port_p, self.port_queues, self.owner_pid,
                        self.ntuple_loc, self.owner_start)
 
@@ -143,6 +137,29 @@ def open_pin(path: str) -> int:
     if fd < 0:
         raise XdpnetError(f"cannot open pinned BPF object {path}: {os.strerror(-fd)}")
     return fd
+
+
+def open_pins(directory: str, names: Mapping[str, str] | Iterable[str]) -> dict[str, int]:
+    """Fds for the BPF objects pinned in *directory*: *names* are pin names
+    (the keys of the result), or a mapping key -> pin name.  All or none:
+    on any error (FileNotFoundError: one is not pinned) the fds opened so
+    far are closed."""
+    pins = names if isinstance(names, Mapping) else {n: n for n in names}
+    fds: dict[str, int] = {}
+    try:
+        for key, pin in pins.items():
+            fds[key] = open_pin(os.path.join(directory, pin))
+    except BaseException:
+        close_fds(fds)
+        raise
+    return fds
+
+
+def close_fds(fds: dict[str, int]) -> None:
+    """Close every fd of *fds* (from :func:`open_pins`)."""
+    for fd in fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class MapSet:
@@ -163,19 +180,15 @@ class MapSet:
 
     @classmethod
     def open(cls, pin_dir: str) -> "MapSet":
-        fds: dict[str, int] = {}
+        fds = open_pins(pin_dir, MAP_NAMES)
         try:
-            for name in MAP_NAMES:
-                fds[name] = open_pin(os.path.join(pin_dir, name))
             return cls(fds)
         except BaseException:
-            for fd in fds.values():
-                os.close(fd)
+            close_fds(fds)
             raise
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
+        close_fds(self.fds)
         self.fds = {}
 
     def ids(self) -> dict[str, int]:

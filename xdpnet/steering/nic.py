@@ -43,16 +43,17 @@ import threading
 import weakref
 from dataclasses import asdict, dataclass, replace
 
+from xdpnet import privilege
 from xdpnet.errors import BusyError, PrivilegeError, UsageError, XdpnetError
 from xdpnet.net.device import NetDevice
-from xdpnet.net.mac import format_mac, parse_mac
+from xdpnet.net.mac import format_mac, mac_to_u64, vm_mac
 from xdpnet.net.port import VmPort, delete_port, port_names, ports_of
-from xdpnet.rundirs import RUN_DIR, flocked
+from xdpnet.rundirs import RUN_DIR, flocked, proc_start, process_alive
 from xdpnet.steering import programs
 from xdpnet.steering.libbpf import FLAG_MODES, MODE_FLAGS
 from xdpnet.steering.maps import (EGRESS_NIC, LAYOUT_VERSION, MAX_QUEUES, MAX_VMS, PORT_QUEUES,
                                   TC_CREATED_CLSACT, VERDICTS, VM_STATS, ConfigC, MapSet,
-                                  VmRecord, mac_u64, queues_mask)
+                                  VmRecord, queues_mask)
 from xdpnet.steering import xdp
 from xdpnet.steering.programs import ProgSet, pin_dir
 from xdpnet.steering.xdp import MODES
@@ -63,7 +64,6 @@ LOCK_DIR = RUN_DIR
 LOCK_TIMEOUT = 60.0         # seconds to wait for another process's change
 MIN_FRAME, MAX_FRAME = 14, 65535
 XSK_KINDS = ("nic", "port")
-CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
 
 
 # --------------------------------------------------------------------------
@@ -82,44 +82,11 @@ def _check_privileges() -> None:
     """Loading needs CAP_BPF (or CAP_SYS_ADMIN), attaching CAP_NET_ADMIN.
     Checked up front: bcc reports a missing privilege as a compile error."""
     try:
-        with open("/proc/self/status") as f:
-            eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
-    except (OSError, StopIteration, ValueError):
+        missing = privilege.missing_caps(("CAP_NET_ADMIN", "CAP_BPF"))
+    except OSError:
         return                                  # unknown: let the kernel decide
-    has = lambda cap: bool(eff >> cap & 1)      # noqa: E731
-    if not (has(CAP_BPF) or has(CAP_SYS_ADMIN)) or not has(CAP_NET_ADMIN):
-        raise PrivilegeError("XDP steering needs root (CAP_BPF and CAP_NET_ADMIN)")
-
-
-def proc_start(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of process *pid*, None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def owner_alive(pid: int, start: int) -> bool:
-    return pid > 0 and proc_start(pid) == start
-
-
-def _mac_bytes(mac: str | bytes) -> bytes:
-    if isinstance(mac, (bytes, bytearray)):
-        if len(mac) != 6:
-            raise UsageError(f"malformed MAC address {bytes(mac)!r}: a MAC has 6 bytes")
-        return bytes(mac)
-    return parse_mac(mac)
-
-
-def _vm_mac(mac: str | bytes) -> bytes:
-    """A VM's MAC: well formed, unicast, not zero."""
-    b = _mac_bytes(mac)
-    if b[0] & 1:
-        raise UsageError(f"{format_mac(b)} is a multicast/broadcast address, not a VM's MAC")
-    if b == bytes(6):
-        raise UsageError("00:00:00:00:00:00 is not a VM's MAC")
-    return b
+    if missing:
+        raise PrivilegeError(f"XDP steering needs root ({' and '.join(missing)} missing)")
 
 
 def _ifname(ifindex: int) -> str | None:
@@ -219,7 +186,7 @@ def _vm_info(nic_ifindex: int, r: VmRecord) -> VmInfo:
     host, port = port_names(nic_ifindex, r.vm_id)
     return VmInfo(r.vm_id, format_mac(r.mac), r.max_frame, r.nic_queues, r.port_queues,
                   _ifname(r.port_h) or host, _ifname(r.port_p) or port, r.owner_pid,
-                  owner_alive(r.owner_pid, r.owner_start))
+                  process_alive(r.owner_pid, r.owner_start))
 
 
 def read_pinned(ifname: str) -> dict:
@@ -279,6 +246,20 @@ class _NicState:
             self.progs.close()
             self.progs = None
 
+    def open_pins_locked(self) -> bool:
+        """Open the pinned programs and maps as they are (no join, no
+        repair).  Incomplete pins are torn down: False.  The caller drops
+        the fds (:meth:`drop_fds`), also when this raises."""
+        self.drop_fds()
+        try:
+            self.progs = ProgSet.open(self.dir)
+            self.maps = MapSet.open(self.dir)
+        except FileNotFoundError:
+            log.warning("incomplete pins in %s: removing them", self.dir)
+            self.teardown_locked()
+            return False
+        return True
+
     def current(self) -> bool:
         """True if our fds are the pinned objects (not torn down and
         reloaded by another process since we opened them)."""
@@ -321,13 +302,9 @@ class _NicState:
     def _join(self, mode: str) -> bool:
         """Use the pins if they are complete and ours is the attached
         program; repair a detached program; clean up stale pins (False)."""
-        try:
-            self.progs = ProgSet.open(self.dir)
-            self.maps = MapSet.open(self.dir)
-        except FileNotFoundError:
-            log.warning("incomplete pins in %s: removing them", self.dir)
-            self.teardown_locked()
+        if not self.open_pins_locked():
             return False
+        assert self.maps is not None and self.progs is not None
         cfg = self.maps.config()
         if cfg.version not in (0, LAYOUT_VERSION):
             v = cfg.version
@@ -423,7 +400,7 @@ class _NicState:
         assert self.maps is not None
         gone = []
         for r in self.maps.all_vms().values():
-            if not owner_alive(r.owner_pid, r.owner_start):
+            if not process_alive(r.owner_pid, r.owner_start):
                 log.warning("VM %d (%s) on %s: owner process %d is gone: removing it",
                             r.vm_id, format_mac(r.mac), self.ifname, r.owner_pid)
                 self.remove_vm_locked(r)
@@ -557,7 +534,7 @@ class NicSteering:
         attached on this NIC, a queue owned by another VM, the VM id taken,
         64 VMs).  On failure nothing is left behind.
         """
-        macb = _vm_mac(mac)
+        macb = vm_mac(mac)
         if not isinstance(max_frame, int) or not MIN_FRAME <= max_frame <= MAX_FRAME:
             raise UsageError(f"max_frame {max_frame!r} out of range ({MIN_FRAME}..{MAX_FRAME})")
         queues = tuple(nic_queues)
@@ -610,14 +587,15 @@ class NicSteering:
                 maps.set_egress(1 + vm_id, port.host_ifindex)
                 maps.set_mac(macb, vm_id, max_frame, queues_mask(queues))   # live from here
                 st.own[vm_id] = macb
+                if queues:
+                    loc = _ntuple_add(self.ifname, dev.driver, macb, min(queues))
+                    if loc is not None:
+                        # rec names the rule from here: undoing it deletes the rule
+                        rec = replace(rec, ntuple_loc=loc + 1)
+                        maps.set_vm(rec)
             except BaseException:
                 st.remove_vm_locked(rec)
                 raise
-            if queues:
-                loc = _ntuple_add(self.ifname, dev.driver, macb, min(queues))
-                if loc is not None:
-                    rec = replace(rec, ntuple_loc=loc + 1)
-                    maps.set_vm(rec)
         log.info("VM %d (%s) on %s: NIC queues %s, port %s (%d queue(s))", vm_id,
                  format_mac(macb), self.ifname, list(queues) or "none", port.port, port.queues)
         notify_vm_change()
@@ -660,7 +638,7 @@ class NicSteering:
     def local_macs(self) -> list[int]:
         """The MAC of every VM on the NIC as u64 (6 bytes in wire order at
         the start of a little-endian u64)."""
-        return sorted(int.from_bytes(m + b"\0\0", "little") for m in self._maps().macs())
+        return sorted(mac_to_u64(m) for m in self._maps().macs())
 
     def verdict_counters(self) -> dict[str, int]:
         """Frames per verdict since load, summed over CPUs (names in
@@ -687,16 +665,39 @@ class VmSteering:
 
     def __init__(self, nic: NicSteering, rec: VmRecord, host_ifname: str, port_ifname: str):
         self.nic = nic                  # keeps the NIC handle alive while the VM is
-        self.vm_id = rec.vm_id
-        self.mac_bytes = rec.mac
-        self.mac = format_mac(rec.mac)
-        self.mac_u64 = int.from_bytes(rec.mac + b"\0\0", "little")
-        self.max_frame = rec.max_frame
-        self.nic_queues = rec.nic_queues
-        self.port_queues = rec.port_queues
+        self.rec = rec                  # as last written to the vms map by this handle
         self.host_ifname = host_ifname
         self.port_ifname = port_ifname  # where the backend binds its port sockets
         self.removed = False
+
+    @property
+    def vm_id(self) -> int:
+        return self.rec.vm_id
+
+    @property
+    def mac_bytes(self) -> bytes:
+        return self.rec.mac
+
+    @property
+    def mac(self) -> str:
+        return format_mac(self.rec.mac)
+
+    @property
+    def mac_u64(self) -> int:
+        """The MAC as u64 (:func:`xdpnet.net.mac.mac_to_u64`)."""
+        return mac_to_u64(self.rec.mac)
+
+    @property
+    def max_frame(self) -> int:
+        return self.rec.max_frame
+
+    @property
+    def nic_queues(self) -> tuple[int, ...]:
+        return self.rec.nic_queues
+
+    @property
+    def port_queues(self) -> int:
+        return self.rec.port_queues
 
     def __repr__(self) -> str:
         return (f"<VmSteering {self.vm_id} {self.mac} on {self.nic.ifname}: "
@@ -754,7 +755,7 @@ class VmSteering:
                 raise XdpnetError(f"VM {self.vm_id} is not on {self.nic.ifname} any more")
             st.maps.set_vm(replace(r, max_frame=max_frame))
             st.maps.set_mac(r.mac, r.vm_id, max_frame, queues_mask(r.nic_queues))
-        self.max_frame = max_frame
+        self.rec = replace(self.rec, max_frame=max_frame)
 
     def counters(self) -> dict[str, int]:
         return self.nic.vm_counters(self.vm_id)
@@ -795,20 +796,19 @@ def sweep_gone_nics(only: list[str] | None = None) -> list[str]:
             with nic_lock(name, timeout=1.0):
                 st = _NicState(name, 0)
                 try:
-                    st.progs = ProgSet.open(st.dir)
-                    st.maps = MapSet.open(st.dir)
-                except FileNotFoundError:
+                    if not st.open_pins_locked():
+                        swept.append(name)
+                        continue
+                    assert st.maps is not None
+                    if any(process_alive(r.owner_pid, r.owner_start)
+                           for r in st.maps.all_vms().values()):
+                        continue
+                    log.warning("NIC %s is gone and none of its VMs' processes runs: "
+                                "removing its pins and ports", name)
                     st.teardown_locked()
                     swept.append(name)
-                    continue
-                if any(owner_alive(r.owner_pid, r.owner_start)
-                       for r in st.maps.all_vms().values()):
+                finally:
                     st.drop_fds()
-                    continue
-                log.warning("NIC %s is gone and none of its VMs' processes runs: removing "
-                            "its pins and ports", name)
-                st.teardown_locked()
-                swept.append(name)
         except XdpnetError as e:            # busy lock, foreign layout, ...
             log.debug("steering state of gone NIC %s not swept: %s", name, e)
     return swept
@@ -829,12 +829,8 @@ def release_dead(ifname: str) -> list[int]:
     st = _NicState(ifname, ifindex)
     with nic_lock(ifname):
         try:
-            st.progs = ProgSet.open(d)
-            st.maps = MapSet.open(d)
-        except FileNotFoundError:
-            st.teardown_locked()
-            return []
-        try:
+            if not st.open_pins_locked():
+                return []
             gone = st.reap_locked()
             st.teardown_if_empty_locked()
             return gone
@@ -843,4 +839,4 @@ def release_dead(ifname: str) -> list[int]:
 
 
 __all__ = ["NicSteering", "VmSteering", "VmInfo", "read_pinned", "release_dead",
-           "sweep_gone_nics", "VERDICTS", "VM_STATS", "mac_u64"]
+           "sweep_gone_nics", "VERDICTS", "VM_STATS"]

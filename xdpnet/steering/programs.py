@@ -33,7 +33,7 @@ from xdpnet.errors import (BusyError, DependencyError, PrivilegeError, XdpnetErr
 from xdpnet.rundirs import make_dirs, remove_empty
 from xdpnet.steering.kheaders import find_kernel_headers, import_bcc
 from xdpnet.steering.libbpf import libbpf
-from xdpnet.steering.maps import MAP_NAMES, open_pin
+from xdpnet.steering.maps import MAP_NAMES, close_fds, open_pins
 
 log = logging.getLogger("xdpnet.steering")
 
@@ -206,33 +206,29 @@ class ProgSet:
 
     @classmethod
     def open(cls, directory: str) -> "ProgSet":
-        fds: dict[str, int] = {}
+        fds = open_pins(directory, PROG_PINS)
         try:
-            for role, pin in PROG_PINS.items():
-                fds[role] = open_pin(os.path.join(directory, pin))
             lb = libbpf()
             return cls(fds, {role: lb.obj_id(fd) for role, fd in fds.items()})
         except BaseException:
-            for fd in fds.values():
-                os.close(fd)
+            close_fds(fds)
             raise
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
+        close_fds(self.fds)
         self.fds = {}
 
 
 def pinned_prog_id(directory: str, role: str = "nic") -> int | None:
     """Kernel id of a pinned program, None if not pinned."""
     try:
-        fd = open_pin(os.path.join(directory, PROG_PINS[role]))
+        fds = open_pins(directory, {role: PROG_PINS[role]})
     except FileNotFoundError:
         return None
     try:
-        return libbpf().obj_id(fd)
+        return libbpf().obj_id(fds[role])
     finally:
-        os.close(fd)
+        close_fds(fds)
 
 
 # --------------------------------------------------------------------------
