@@ -684,28 +684,35 @@ class VhostUserSession:
         log.debug("GET_VRING_BASE: vring %d stopped at %d", vr.index, vr.base)
         return VRING_STATE.pack(vr.index, vr.base)
 
-    def _h_set_vring_kick(self, msg: Message) -> None:
+    def _vring_file(self, msg: Message, name: str) -> tuple[VringState, int | None]:
+        """SET_VRING_KICK/CALL/ERR payload: the ring and the fd (None: nofd)."""
         f = unpack_vring_file(msg.payload)
-        log.debug("SET_VRING_KICK: index=%d nofd=%s reserved=0x%x fds=%s", f.index, f.nofd,
+        log.debug("%s: index=%d nofd=%s reserved=0x%x fds=%s", name, f.index, f.nofd,
                   f.reserved, msg.fds)
         if f.reserved:
             raise _Reject(f"reserved payload bits set: 0x{f.reserved:x}")
-        vr = self._vring(f.index)
-        fd = self._file_fd(msg, f.nofd)
+        return self._vring(f.index), self._file_fd(msg, f.nofd)
+
+    def _replace_fd(self, vr: VringState, attr: str, msg: Message, fd: int | None) -> None:
+        """Keep *fd* as the ring's *attr* fd; close the one it replaces."""
+        old = getattr(vr, attr)
+        setattr(vr, attr, self._take_fd(msg, fd))
+        _close_fd(old)
+
+    def _h_set_vring_kick(self, msg: Message) -> None:
+        vr, fd = self._vring_file(msg, "SET_VRING_KICK")
         if not self.features_set:
-            raise _Reject(f"vring {f.index}: SET_FEATURES has not been received")
+            raise _Reject(f"vring {vr.index}: SET_FEATURES has not been received")
         if vr.num == 0:
-            raise _Reject(f"vring {f.index}: SET_VRING_NUM has not been received")
-        if f.index not in self._addr_set:
-            raise _Reject(f"vring {f.index}: SET_VRING_ADDR has not been received")
+            raise _Reject(f"vring {vr.index}: SET_VRING_NUM has not been received")
+        if vr.index not in self._addr_set:
+            raise _Reject(f"vring {vr.index}: SET_VRING_ADDR has not been received")
         if vr.started:
             # A new kick on a running ring: restart it with the new fd, from
             # where the device stopped.
-            log.debug("vring %d: new kick fd on a started ring, restarting it", f.index)
+            log.debug("vring %d: new kick fd on a started ring, restarting it", vr.index)
             self._stop_vring(vr)
-        old = vr.kick_fd
-        vr.kick_fd = self._take_fd(msg, fd)
-        _close_fd(old)
+        self._replace_fd(vr, "kick_fd", msg, fd)
         if not self.protocol_features_on:
             vr.enabled = True           # without PROTOCOL_FEATURES rings run enabled
         self._device.start_vring(replace(vr, started=True))
@@ -715,31 +722,15 @@ class VhostUserSession:
         return None
 
     def _h_set_vring_call(self, msg: Message) -> None:
-        f = unpack_vring_file(msg.payload)
-        log.debug("SET_VRING_CALL: index=%d nofd=%s reserved=0x%x fds=%s", f.index, f.nofd,
-                  f.reserved, msg.fds)
-        if f.reserved:
-            raise _Reject(f"reserved payload bits set: 0x{f.reserved:x}")
-        vr = self._vring(f.index)
-        fd = self._file_fd(msg, f.nofd)
+        vr, fd = self._vring_file(msg, "SET_VRING_CALL")
         if vr.started:
             self._device.set_vring_call(vr.index, fd)
-        old = vr.call_fd
-        vr.call_fd = self._take_fd(msg, fd)
-        _close_fd(old)                  # after the device switched to the new one
+        self._replace_fd(vr, "call_fd", msg, fd)    # after the device switched to the new one
         return None
 
     def _h_set_vring_err(self, msg: Message) -> None:
-        f = unpack_vring_file(msg.payload)
-        log.debug("SET_VRING_ERR: index=%d nofd=%s reserved=0x%x fds=%s", f.index, f.nofd,
-                  f.reserved, msg.fds)
-        if f.reserved:
-            raise _Reject(f"reserved payload bits set: 0x{f.reserved:x}")
-        vr = self._vring(f.index)
-        fd = self._file_fd(msg, f.nofd)
-        old = vr.err_fd
-        vr.err_fd = self._take_fd(msg, fd)
-        _close_fd(old)
+        vr, fd = self._vring_file(msg, "SET_VRING_ERR")
+        self._replace_fd(vr, "err_fd", msg, fd)
         return None
 
     def _h_get_protocol_features(self, msg: Message) -> bytes:
