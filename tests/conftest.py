@@ -32,22 +32,31 @@ def hugepages():
             f.write(str(before))
 
 
-def _leftovers() -> set[str]:
-    """xdpnet's run-time state on this machine: pins, lock and owner files."""
-    out = set()
-    for d in ("/sys/fs/bpf/xdpnet", "/run/xdpnet", "/run/xdpnet/testbeds"):
-        if os.path.isdir(d):
-            out.add(d + "/")
-            out.update(os.path.join(d, n) for n in os.listdir(d))
-    return out
-
-
 @pytest.fixture(autouse=True, scope="session")
 def nothing_left_behind():
-    """After the whole run, nothing of xdpnet's that the run created is
-    left: no pins under /sys/fs/bpf/xdpnet, no lock or owner files under
-    /run/xdpnet, not even the (empty) directories."""
-    before = _leftovers()
-    yield
-    left = sorted(_leftovers() - before)
+    """After the whole run, nothing of xdpnet's is left for the NICs of the
+    test beds this run made: no pins, no lock file, no test-bed owner file;
+    and none of xdpnet's run-time directories is left empty.  (Tracking our
+    own NICs keeps the check right while other runs use the machine.)"""
+    from xdpnet.net import netns
+    from xdpnet.steering.programs import PIN_ROOT, pin_dir
+
+    made: list[netns.Testbed] = []
+    original = netns.Testbed.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    netns.Testbed.__init__ = recording_init
+    try:
+        yield
+    finally:
+        netns.Testbed.__init__ = original
+    left = [path for bed in made
+            for path in (pin_dir(bed.nic), os.path.join(netns.RUN_DIR, f"{bed.nic}.lock"),
+                         os.path.join(netns.OWNER_DIR, bed.netns))
+            if os.path.exists(path)]
+    left += [d for d in (PIN_ROOT, netns.RUN_DIR, netns.OWNER_DIR)
+             if os.path.isdir(d) and not os.listdir(d)]
     assert not left, f"the test run left these behind: {left}"

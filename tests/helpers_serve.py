@@ -23,6 +23,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 XDPNET = str(REPO / ".venv" / "bin" / "xdpnet")
+# argv prefix: run as nobody, no groups (tests of the missing-privilege errors)
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 def xdpnet_cmd(*args: str) -> list[str]:

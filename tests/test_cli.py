@@ -11,11 +11,11 @@ import json
 import os
 import secrets
 import subprocess
-import time
 
 import pytest
 
-from helpers_serve import ServeProcess, has_xdp, run_xdpnet, xdpnet_cmd
+from helpers_serve import NOBODY, ServeProcess, has_xdp, run_xdpnet, xdpnet_cmd
+from rigs import wait_for
 from xdpnet.errors import EXIT_BUSY, EXIT_PRIVILEGE, EXIT_USAGE
 
 MAC = "52:54:00:c1:1c:01"
@@ -137,7 +137,7 @@ def test_serve_unusable_socket_path_exits_2_and_detaches(bed, tmp_path, where):
 def test_serve_without_privilege_exits_3(bed, tmp_path):
     os.chmod(tmp_path, 0o777)
     sock = str(tmp_path / "vm.sock")
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+    r = subprocess.run([*NOBODY,
                         *xdpnet_cmd("serve", "--iface", bed.nic, "--queue", "0", "--mac", MAC,
                                     "--socket", sock)],
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
@@ -224,15 +224,6 @@ def test_demo_json(tmp_path):
 
 # ---- serve against misbehaving frontends ----------------------------------
 
-def _wait_for(pred, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
-
-
 def _normal_vm_works(bed, sock: str) -> None:
     """A well-behaved simulator connects, starts and its frames reach the wire."""
     from xdpnet.guest.simulator import VirtioNetSimulator
@@ -265,7 +256,7 @@ def test_serve_refuses_legacy_frontend_and_keeps_serving(bed, tmp_path):
             return [ln for ln in srv.stderr_text().replace(str(tmp_path), "").splitlines()
                     if "legacy" in ln.lower()]
 
-        assert _wait_for(legacy_lines), srv.stderr_text()
+        assert wait_for(legacy_lines, 5.0), srv.stderr_text()
         lines = legacy_lines()
         assert len(lines) == 1, srv.stderr_text()
         assert srv.returncode is None, srv.stderr_text()
@@ -311,7 +302,7 @@ def test_serve_refuses_ring_outside_memory_table_and_keeps_serving(bed, tmp_path
             return [ln for ln in srv.stderr_text().replace(str(tmp_path), "").splitlines()
                     if f"vring {pair.rx_vq}" in ln and "memory table" in ln]
 
-        assert _wait_for(lambda: refusal_lines()), srv.stderr_text()
+        assert wait_for(refusal_lines, 5.0), srv.stderr_text()
         assert len(refusal_lines()) == 1, srv.stderr_text()
         assert f"0x{outside:x}" in refusal_lines()[0]
         assert srv.returncode is None, srv.stderr_text()
@@ -348,7 +339,7 @@ def test_serve_refuses_new_memory_table_not_covering_running_rings(bed, tmp_path
             return [ln for ln in srv.stderr_text().replace(str(tmp_path), "").splitlines()
                     if "SET_MEM_TABLE" in ln and "vring" in ln and "memory table" in ln]
 
-        assert _wait_for(refusal_lines), srv.stderr_text()
+        assert wait_for(refusal_lines, 5.0), srv.stderr_text()
         assert len(refusal_lines()) == 1, srv.stderr_text()
         assert srv.returncode is None, srv.stderr_text()
         _normal_vm_works(bed, sock)

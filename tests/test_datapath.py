@@ -8,65 +8,24 @@ checked byte for byte at the far end; placement is checked by address.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
+import functools
 import threading
 import time
-from dataclasses import dataclass
 
-
-from xdpnet.attachment import Attachment
-from xdpnet.guest.simulator import VirtioNetSimulator
-from xdpnet.memory.umem import FrameGeometry
-from xdpnet.net.netns import Testbed
+from rigs import Attached, wait_filled
+from rigs import attached as _attached
 from xdpnet.vhost.protocol import VirtioFeature, bit
-from xdpnet.wire import WirePeer
 
 VM_MAC = "52:54:00:aa:bb:01"
 SIZES = (60, 64, 128, 511, 1000, 1514)
 
-
-@dataclass
-class Attached:
-    bed: Testbed
-    att: Attachment
-    vm: VirtioNetSimulator
-    wire: WirePeer
-
-    @property
-    def steering(self):
-        return self.att.steering
-
-    @property
-    def backend(self):
-        return self.att.backend
-
-    def counters(self) -> dict[str, int]:
-        return self.att.counters()
-
-
-@contextlib.contextmanager
-def attached(*, max_frame: int = 1518, steer_max_frame: int | None = None, **sim_options):
-    """A VM attached to a fresh veth NIC; everything removed afterwards."""
-    with contextlib.ExitStack() as stack:
-        bed = stack.enter_context(Testbed(queues=1, prefix="xp"))
-        tmp = stack.enter_context(tempfile.TemporaryDirectory())
-        att = stack.enter_context(Attachment(bed.nic, VM_MAC, os.path.join(tmp, "vm.sock"),
-                                             geometry=FrameGeometry(max_frame=max_frame),
-                                             xdp_mode="native", zerocopy=False))
-        # The XDP length check may differ from the UMEM's cap, to test each alone.
-        att.vm.set_max_frame(steer_max_frame or max_frame)
-        att.start()
-        vm = stack.enter_context(VirtioNetSimulator(att.socket_path, mac=VM_MAC, **sim_options))
-        vm.connect()
-        vm.start()
-        wire = stack.enter_context(WirePeer(bed, peer_mac=VM_MAC))
-        yield Attached(bed, att, vm, wire)
+# A VM on a fresh veth NIC; everything removed afterwards.
+attached = functools.partial(_attached, VM_MAC, prefix="xp")
 
 
 def send_to_vm(a: Attached, sizes=SIZES, per_size: int = 50) -> int:
     """Wire → VM: send frames of each size, let the VM take them; returns sent."""
+    wait_filled(a.att)
     seq = 0
     for size in sizes:
         a.wire.send(per_size, size, flow=7, seq0=seq)

@@ -17,15 +17,15 @@ import ctypes as ct
 import os
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 
 import pytest
 
+from rigs import wait_for
 from xdpnet.backend import BackendConfig, NetBackend
-from xdpnet.datapath.queue_pair import mac_to_u64
+from xdpnet.net.mac import mac_to_u64, parse_mac
 from xdpnet.datapath.xsk import SharedUmemError, XskSocket
-from xdpnet.guest.simulator import VirtioNetSimulator, parse_mac
+from xdpnet.guest.simulator import VirtioNetSimulator
 from xdpnet.net.netns import Testbed, cleanup_stale
 from xdpnet.steering.kheaders import find_kernel_headers, import_bcc
 from xdpnet.vhost.server import VhostUserServer
@@ -147,14 +147,6 @@ def rig(stub_bpf, *, queues=(0,), port_pairs: int = 1, vm_mac: str = VM_MAC,
         nic_wire = stack.enter_context(WirePeer(nic, peer_mac=VM_MAC))
         port_wire = stack.enter_context(WirePeer(port, peer_mac=VM_MAC))
         yield Rig(nic, port, backend, steering, vm, nic_wire, port_wire)
-
-
-def wait_for(cond, timeout: float = 2.0) -> bool:
-    """Poll ``cond()`` until true or ``timeout`` seconds passed; its last value."""
-    end = time.monotonic() + timeout
-    while not cond() and time.monotonic() < end:
-        time.sleep(0.01)
-    return cond()
 
 
 def deliver(r: Rig, peer: WirePeer, n: int, size: int = 64, flow: int = 0, chunk: int = 30) -> None:

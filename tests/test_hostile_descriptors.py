@@ -10,16 +10,14 @@ frame.  The same classes are fuzzed in tests/fuzz/virtq_fuzz.c.
 from __future__ import annotations
 
 import contextlib
-import os
 import struct
 import tempfile
 import threading
-import time
 
 import pytest
 
+from rigs import attach_vm, wait_filled, wait_for
 from xdpnet._native import lib
-from xdpnet.attachment import Attachment
 from xdpnet.datapath.counters import BROKEN_REASONS
 from xdpnet.guest.simulator import VirtioNetSimulator
 from xdpnet.net.netns import Testbed
@@ -88,29 +86,21 @@ def test_hostile_descriptor_stops_only_that_queue(case):
     with contextlib.ExitStack() as stack:
         bed = stack.enter_context(Testbed(queues=1, prefix="xh"))
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
-        vms = []
-        for mac, queues, port in ((MAC_HOSTILE, (0,), 0), (MAC_OTHER, (), 1)):
-            att = stack.enter_context(Attachment(bed.nic, mac, os.path.join(tmp, f"{mac[-1]}.s"),
-                                                 queues=queues, port_pairs=port,
-                                                 xdp_mode="native", zerocopy=False))
-            att.start()
-            vm = stack.enter_context(VirtioNetSimulator(att.socket_path, mac=mac))
-            vm.connect()
-            vm.start()
-            vms.append((att, vm))
-        (bad_att, bad_vm), (ok_att, ok_vm) = vms
+        # 256-entry rings: "chain longer than the queue" is built from the queue size.
+        bad, ok = (attach_vm(stack, bed, tmp, name, mac, queues, port, queue_size=256)
+                   for name, mac, queues, port in (("bad", MAC_HOSTILE, (0,), 0),
+                                                   ("ok", MAC_OTHER, (), 1)))
+        bad_att, bad_vm, ok_att, ok_vm = bad.att, bad.sim, ok.att, ok.sim
         wire = stack.enter_context(WirePeer(bed, peer_mac=MAC_OTHER))
         descs, jump, extra, reason = cases(bad_vm)[case]
         inject(bad_vm, descs, jump, extra)
-        deadline = time.monotonic() + 3
-        while bad_att.counters()["tx_broken"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: bad_att.counters()["tx_broken"] != 0)
         c = bad_att.counters()
         assert c["tx_broken"] == reason, (case, c["tx_broken"], BROKEN_REASONS.get(c["tx_broken"]))
         assert c["tx_frames"] == 0                      # nothing was sent from the chain
         assert bad_att.backend.broken() == [f"queue pair 0 tx: {BROKEN_REASONS[reason]}"]
         # The other VM on the NIC is untouched.
-        time.sleep(0.2)
+        wait_filled(ok_att)
         wire.send(50, 200, flow=3)
         ok_vm.run(duration=3.0, tx_count=0, rx_count=50)
         assert ok_vm.stats().rx_verified == 50

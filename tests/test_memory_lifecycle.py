@@ -13,14 +13,11 @@ import contextlib
 import ctypes
 import logging
 import os
-import tempfile
 import threading
 import time
-from dataclasses import dataclass
 
 import pytest
 
-from xdpnet.attachment import Attachment
 from xdpnet.guest.frontend import BackendClosed, BackendRefused
 from xdpnet.guest.simulator import VirtioNetSimulator
 from xdpnet.net.netns import Testbed
@@ -28,6 +25,8 @@ from xdpnet.vhost import protocol as P
 from xdpnet.wire import WirePeer
 
 from helpers_serve import ServeProcess
+from rigs import Attached, wait_filled, wait_for
+from rigs import attached as _attached
 
 VM_MAC = "52:54:00:aa:cc:01"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -35,47 +34,13 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
 
-@dataclass
-class Attached:
-    bed: Testbed
-    att: Attachment
-    vm: VirtioNetSimulator
-    wire: WirePeer
-
-    @property
-    def backend(self):
-        return self.att.backend
-
-
-@contextlib.contextmanager
 def attached(prefix: str = "xm", connect: bool = True, **sim_options):
-    """A VM attached to a fresh veth NIC; everything removed afterwards.
-
-    1024-entry rings, as xdpnet's QEMU options ask for: the 200-frame bursts
-    below then fit in the buffers the direct socket holds (the VM's port
-    socket holds the rest)."""
+    """A VM attached to a fresh veth NIC (rigs.attached) with 1024-entry
+    rings, as xdpnet's QEMU options ask for: the 200-frame bursts below then
+    fit in the buffers the direct socket holds (the VM's port socket holds
+    the rest)."""
     sim_options.setdefault("queue_size", 1024)
-    with contextlib.ExitStack() as stack:
-        bed = stack.enter_context(Testbed(queues=1, prefix=prefix))
-        tmp = stack.enter_context(tempfile.TemporaryDirectory())
-        att = stack.enter_context(Attachment(bed.nic, VM_MAC, os.path.join(tmp, "vm.sock"),
-                                             xdp_mode="native", zerocopy=False))
-        att.start()
-        vm = stack.enter_context(VirtioNetSimulator(att.socket_path, mac=VM_MAC, **sim_options))
-        if connect:
-            vm.connect()
-            vm.start()
-        wire = stack.enter_context(WirePeer(bed, peer_mac=VM_MAC))
-        yield Attached(bed, att, vm, wire)
-
-
-def wait_filled(att: Attachment, timeout: float = 3.0) -> None:
-    """Until the datapath has posted guest rx buffers to the fill ring
-    (frames sent before that are dropped by the kernel, and counted)."""
-    deadline = time.monotonic() + timeout
-    while att.counters()["fill_ring_used"] == 0:
-        assert time.monotonic() < deadline, "the datapath never filled the fill ring"
-        time.sleep(0.01)
+    return _attached(VM_MAC, prefix=prefix, connect=connect, **sim_options)
 
 
 def to_vm(a: Attached, count: int, seq0: int = 0, length: int = 200) -> int:
@@ -124,32 +89,37 @@ def mappings_of(name: str) -> list[str]:
 
 def test_new_memory_table_mid_stream_loses_and_duplicates_nothing(caplog):
     caplog.set_level(logging.INFO, logger="xdpnet.backend")
+    total = 20000
     with attached() as a:
         assert to_vm(a, 100) == 100
-        # Guest → wire stream; the table is re-sent while it runs.
+        # Guest → wire stream; the table is re-sent three times while it
+        # runs, each time once the backend has sent a given share of it.
         got = []
-        rx = threading.Thread(target=lambda: got.append(a.wire.recv(max_frames=3000, timeout=8)))
+        rx = threading.Thread(target=lambda: got.append(a.wire.recv(max_frames=total,
+                                                                    timeout=8)))
         rx.start()
-        tx = threading.Thread(target=a.vm.run, kwargs=dict(duration=8.0, tx_count=3000,
+        tx = threading.Thread(target=a.vm.run, kwargs=dict(duration=15.0, tx_count=total,
                                                            tx_length=300, dst=a.wire.mac))
         tx.start()
-        time.sleep(0.05)
-        for _ in range(3):
+        sent_at_resend = []
+        for share in (0.1, 0.4, 0.7):
+            wait_for(lambda: a.att.counters()["tx_frames"] >= share * total, 8, 0.0005)
+            sent_at_resend.append(a.att.counters()["tx_frames"])
             a.vm.set_mem_table_again()
-            time.sleep(0.1)
         tx.join()
         rx.join()
+        assert sent_at_resend[1] < total, sent_at_resend      # re-sent while it ran
         w = got[0]
         st = a.vm.stats()
-        assert st.tx_completed == 3000 and st.tx_bad_used == 0
-        assert w.verified == 3000 and w.bad == 0 and w.duplicates == 0
-        assert w.flows[0].unique == 3000 and w.flows[0].missing == 0
+        assert st.tx_completed == total and st.tx_bad_used == 0
+        assert w.verified == total and w.bad == 0 and w.duplicates == 0
+        assert w.flows[0].unique == total and w.flows[0].missing == 0
         # ... and the other direction still lands in the guest, verified.
         assert to_vm(a, 100, seq0=100) == 100
         st = a.vm.stats()
         assert st.rx_bad == 0 and st.rx_len_invalid == 0 and a.vm.check_guards() == 0
         assert a.backend.last_pause_ms is not None and a.backend.last_pause_ms < 5000
-        assert "paused" in caplog.text
+        assert caplog.text.count("paused") >= 2
         c = a.att.counters()
         assert c["rx_copied_bytes"] == 0 and c["tx_copied_bytes"] == 0
 
@@ -232,11 +202,11 @@ def test_bad_table_refused_with_its_message_and_nothing_left(tmp_path, caplog, c
             assert message in caplog.text
             assert a.backend.memory is None
             # The backend kept no fd and no mapping of the refused files.
-            time.sleep(0.2)
-            for fd in fds:
-                target = os.readlink(f"/proc/self/fd/{fd}")
-                name = target.split("/")[-1].split(" ")[0]
-                assert len(fds_to(name)) == 1, (case, target)
+            names = [os.readlink(f"/proc/self/fd/{fd}").split("/")[-1].split(" ")[0]
+                     for fd in fds]
+            wait_for(lambda: all(len(fds_to(n)) == 1 and not mappings_of(n) for n in names))
+            for name in names:
+                assert len(fds_to(name)) == 1, (case, name)
                 assert mappings_of(name) == []
             # The backend still serves the next frontend.
             with VirtioNetSimulator(a.att.socket_path, mac=VM_MAC) as vm2:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from rigs import Vm, attach_vm
 from xdpnet.attachment import Attachment
 from xdpnet.guest.simulator import VirtioNetSimulator
 from xdpnet.net.netns import Testbed
@@ -35,28 +36,6 @@ BCAST = "ff:ff:ff:ff:ff:ff"
 
 
 @dataclass
-class Vm:
-    name: str
-    mac: str
-    att: Attachment
-    sim: VirtioNetSimulator
-    pairs: int
-
-    def take(self, count: int, duration: float = 3.0) -> int:
-        """Let the guest reap until ``count`` more frames arrived; returns them."""
-        before = self.sim.stats(pair=None).rx_verified
-        self.sim.run(duration=duration, tx_count=0, rx_count=count, pair=None)
-        return self.sim.stats(pair=None).rx_verified - before
-
-    def counters(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for p in range(self.pairs):
-            for k, v in self.att.counters(p).items():
-                total[k] = total.get(k, 0) + v
-        return total
-
-
-@dataclass
 class Host:
     bed: Testbed
     wire: WirePeer          # the far end of the NIC, in the namespace
@@ -64,33 +43,14 @@ class Host:
     vms: dict[str, Vm]
 
 
-def wait_filled(vm: Vm, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while any(vm.att.counters(p)["fill_ring_used"] == 0 for p in range(vm.pairs)):
-        assert time.monotonic() < deadline, f"VM {vm.name}: fill ring never filled"
-        time.sleep(0.01)
-
-
 @contextlib.contextmanager
 def three_vms():
     with contextlib.ExitStack() as stack:
         bed = stack.enter_context(Testbed(queues=2, prefix="xv"))
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
-        vms = {}
-        for name, mac, queues, port_pairs in (("A", MAC_A, (0, 1), 0), ("B", MAC_B, (), 1),
-                                              ("C", MAC_C, (), 1)):
-            att = stack.enter_context(Attachment(bed.nic, mac, os.path.join(tmp, f"{name}.sock"),
-                                                 queues=queues, port_pairs=port_pairs,
-                                                 xdp_mode="native", zerocopy=False))
-            att.start()
-            pairs = max(len(queues), port_pairs)
-            sim = stack.enter_context(VirtioNetSimulator(att.socket_path, mac=mac,
-                                                         queue_pairs=pairs, queue_size=1024))
-            sim.connect()
-            sim.start()
-            vms[name] = Vm(name, mac, att, sim, pairs)
-        for vm in vms.values():
-            wait_filled(vm)
+        vms = {name: attach_vm(stack, bed, tmp, name, mac, queues, port_pairs)
+               for name, mac, queues, port_pairs in (("A", MAC_A, (0, 1), 0),
+                                                     ("B", MAC_B, (), 1), ("C", MAC_C, (), 1))}
         wire = stack.enter_context(WirePeer(bed, peer_mac=MAC_A))
         host = stack.enter_context(WirePeer(None, ifname=bed.nic))
         yield Host(bed, wire, host, vms)

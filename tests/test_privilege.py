@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from helpers_serve import ServeProcess, has_xdp
+from helpers_serve import NOBODY, ServeProcess, has_xdp
 
 from xdpnet import privilege
 
@@ -62,7 +62,7 @@ def test_drop_reaches_threads_started_before_it():
 
 def test_drop_without_privilege_carries_on():
     """Not root (or nothing to drop): no exception, the process keeps going."""
-    prefix = (["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    prefix = (NOBODY
               if os.geteuid() == 0 else [])
     r = subprocess.run([*prefix, sys.executable, "-c", _DROP_WITH_A_THREAD],
                        capture_output=True, text=True, timeout=30, cwd="/", check=False,

@@ -218,7 +218,13 @@ def iperf3_server(bed, port: int = 5201):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        time.sleep(0.3)
+        def listening() -> bool:                # iperf3 -s has bound its port
+            out = in_ns(bed, "ss", "-Hltn", f"sport = :{port}")
+            return bool(out.strip())
+        deadline = time.monotonic() + 10
+        while not listening():
+            assert proc.poll() is None and time.monotonic() < deadline, "iperf3 -s did not start"
+            time.sleep(0.05)
         yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -522,6 +528,19 @@ def iperf3_between(r: Rig, vm: Guest, server: Guest, dst: str, port: int) -> dic
 
 # ---- restarts -------------------------------------------------------------------
 
+def network_works(r: Rig, vm: Guest, srv: ServeProcess) -> None:
+    """After a restart: the peer pings the guest, TCP flows both ways, the
+    guest shuts down cleanly, serve is still up and logged no error."""
+    out = in_ns(r.bed, busybox(), "ping", "-c", "3", "-W", "2", IP_A)
+    assert loss(out) == 0, r.diag(out)
+    with iperf3_server(r.bed):
+        iperf3(r, vm, 2)
+        iperf3(r, vm, 2, reverse=True)
+    assert vm.shutdown() == "RESULT: PASS"
+    assert srv.returncode is None, r.diag("serve exited")
+    assert not serve_errors(srv), r.diag(f"serve logged errors: {serve_errors(srv)}")
+
+
 def test_guest_killed_mid_transfer_then_restarted(assets, tmp_path, request):
     """(5a) SIGKILL QEMU in the middle of a TCP stream: serve keeps running, and a
     new guest on the same socket gets a working network."""
@@ -551,14 +570,7 @@ def test_guest_killed_mid_transfer_then_restarted(assets, tmp_path, request):
         vm2 = r.guest(srv, IP_A)
         wait_link_up(r, vm2)
         ping_until(r, vm2, PEER, 30)
-        out = in_ns(bed, busybox(), "ping", "-c", "3", "-W", "2", IP_A)
-        assert loss(out) == 0, r.diag(out)
-        with iperf3_server(bed):
-            iperf3(r, vm2, 2)
-            iperf3(r, vm2, 2, reverse=True)
-        assert vm2.shutdown() == "RESULT: PASS"
-        assert srv.returncode is None, r.diag("serve exited")
-        assert not serve_errors(srv), r.diag(f"serve logged errors: {serve_errors(srv)}")
+        network_works(r, vm2, srv)
 
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
@@ -567,7 +579,6 @@ def test_backend_restarted_guest_recovers(assets, tmp_path, request, how):
     stops (SIGTERM) or dies (SIGKILL: its socket file, pinned maps and port stay
     behind), a new serve starts on the same socket, the guest's network recovers."""
     with rig(assets, tmp_path, request) as r:
-        bed = r.bed
         srv = r.serve(MAC_A, name="a")
         vm = r.guest(srv, IP_A, reconnect=True)
         wait_link_up(r, vm)
@@ -588,11 +599,4 @@ def test_backend_restarted_guest_recovers(assets, tmp_path, request, how):
         print(f"{how}: guest network back {time.monotonic() - t0:.1f} s after serve restarted "
               f"(first successful ping after {took:.1f} s)")
         wait_link_up(r, vm)
-        out = in_ns(bed, busybox(), "ping", "-c", "3", "-W", "2", IP_A)
-        assert loss(out) == 0, r.diag(out)
-        with iperf3_server(bed):
-            iperf3(r, vm, 2)
-            iperf3(r, vm, 2, reverse=True)
-        assert vm.shutdown() == "RESULT: PASS"
-        assert srv2.returncode is None, r.diag("the new serve exited")
-        assert not serve_errors(srv2), r.diag(f"serve logged errors: {serve_errors(srv2)}")
+        network_works(r, vm, srv2)

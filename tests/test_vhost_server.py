@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rigs import wait_for
 from xdpnet.errors import BusyError, MemoryTableError, UsageError, VhostError
 from xdpnet.vhost import protocol as p
 from xdpnet.vhost.device import VhostUserDevice, VringState
@@ -884,15 +885,6 @@ def test_fuzz_random_streams_never_crash_or_leak(prefix, stream, failing):
 
 
 # --- the listening server -------------------------------------------------------------
-
-def wait_for(cond, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
-
 
 def connect(path: str) -> Frontend:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
