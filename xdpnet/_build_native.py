@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CDIR = os.path.normpath(os.path.join(HERE, "..", "c"))
 
 # Public headers whose cdef sections make up the Python-visible API.
-PUBLIC_HEADERS = ["xdpnet.h", "frame.h", "guest.h", "wire.h"]
+PUBLIC_HEADERS = ["xdpnet.h", "frame.h", "guest.h", "wire.h", "tap.h"]
 
 _MARKED = re.compile(r"/\* ---- cdef begin ---- \*/(.*?)/\* ---- cdef end ---- \*/", re.S)
 
