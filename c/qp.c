@@ -69,6 +69,53 @@ static uint32_t port_fill_target(const struct xn_qp_config *cfg)
 	return t ? t : 1;
 }
 
+/**
+ * napi_setup() - ask the kernel to let this thread run the queue's NAPI
+ * @qp:		queue pair with cfg.napi_budget > 0
+ *
+ * SO_BUSY_POLL (needed for any socket busy poll), SO_PREFER_BUSY_POLL and
+ * SO_BUSY_POLL_BUDGET on every socket: while the thread busy-polls
+ * (napi_poll()), the kernel's XDP run and copy into the UMEM happen here
+ * instead of in the softirq of whoever sent the frame (on veth: the
+ * sender's CPU).  Our calls are non-blocking, so the kernel polls the
+ * NAPI once per call and never spins on its own; a sleeping poll() does
+ * not spin either while net.core.busy_poll is 0.
+ *
+ * Return: 0, or -errno from setsockopt() (-EPERM: budget needs CAP_NET_ADMIN).
+ */
+static int napi_setup(struct xn_qp *qp)
+{
+	int one = 1, budget = (int)qp->cfg.napi_budget, usec = 20, i, fd;
+
+	for (i = 0; i < XN_NSOCK; i++) {
+		if (!qp->sock[i].xsk)
+			continue;
+		fd = xsk_socket__fd(qp->sock[i].xsk->xsk);
+		if (setsockopt(fd, SOL_SOCKET, SO_BUSY_POLL, &usec, sizeof(usec)) ||
+		    setsockopt(fd, SOL_SOCKET, SO_PREFER_BUSY_POLL, &one, sizeof(one)) ||
+		    setsockopt(fd, SOL_SOCKET, SO_BUSY_POLL_BUDGET, &budget, sizeof(budget)))
+			return -errno;
+	}
+	return 0;
+}
+
+/**
+ * napi_poll() - run the NIC queue's NAPI once on this thread
+ * @qp:		queue pair in NAPI busy-poll mode
+ *
+ * A non-blocking recvfrom() on an AF_XDP socket busy-polls the NAPI
+ * instance its frames came from (sk_busy_loop), up to the budget.
+ */
+static void napi_poll(struct xn_qp *qp)
+{
+	int i;
+
+	for (i = 0; i < XN_NSOCK; i++)
+		if (qp->sock[i].xsk)
+			recvfrom(xsk_socket__fd(qp->sock[i].xsk->xsk), NULL, 0, MSG_DONTWAIT,
+				 NULL, NULL);
+}
+
 /* kbase_init() - remember the counter block's kernel statistics so far:
  * the new pair's sockets count from 0, so the block shows base + theirs. */
 static void kbase_init(struct xn_qp *qp)
@@ -163,6 +210,8 @@ int xn_qp_create(struct xn_qp **out, const struct xn_qp_config *cfg,
 		err = -errno;
 		goto fail;
 	}
+	if (cfg->napi_budget && (err = napi_setup(qp)))
+		goto fail;
 	*out = qp;
 	return 0;
 fail:
@@ -519,6 +568,8 @@ static int run_loop(struct xn_qp *qp)
 		uint64_t t;
 		int npfd = 3, i;
 
+		if (qp->cfg.napi_budget)
+			napi_poll(qp);
 		if (pass(qp)) {
 			idle = 0;
 			last_work = now_ns();

@@ -176,7 +176,9 @@ struct xn_qp_config {
 	uint64_t vm_mac;                /* tx source MAC must be this (u64 MAC), 0 = no check */
 	uint32_t port_fill_target;      /* rx buffers kept on the port fill ring when the pair
 	                                   also has a direct socket; 0 = min(256, rx num / 4) */
-	uint32_t pad1;
+	uint32_t napi_budget;           /* > 0: SO_PREFER_BUSY_POLL with this SO_BUSY_POLL_BUDGET
+	                                   on the sockets; the thread runs the NIC queue's NAPI
+	                                   itself while busy polling (busy_poll_us) */
 };
 
 struct xn_umem;                     /* a registered UMEM (libxdp) */

@@ -64,7 +64,8 @@ class Attached:
 
 @contextlib.contextmanager
 def attached(mac: str, *, prefix: str, max_frame: int = 1518, steer_max_frame: int | None = None,
-             connect: bool = True, **sim_options) -> Iterator[Attached]:
+             connect: bool = True, busy_poll_us: int = 0, napi_budget: int = 0,
+             **sim_options) -> Iterator[Attached]:
     """A VM with MAC *mac* on NIC queue 0 of a fresh 1-queue veth NIC
     (native XDP, copy mode); the simulator connected and started (unless
     *connect* is false).  *steer_max_frame* sets the XDP length check apart
@@ -74,7 +75,8 @@ def attached(mac: str, *, prefix: str, max_frame: int = 1518, steer_max_frame: i
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
         att = stack.enter_context(Attachment(bed.nic, mac, os.path.join(tmp, "vm.sock"),
                                              geometry=FrameGeometry(max_frame=max_frame),
-                                             xdp_mode="native", zerocopy=False))
+                                             xdp_mode="native", zerocopy=False,
+                                             busy_poll_us=busy_poll_us, napi_budget=napi_budget))
         if steer_max_frame is not None:
             att.vm.set_max_frame(steer_max_frame)
         att.start()

@@ -47,7 +47,8 @@ class Attachment:
                  xdp_mode: str = "auto", zerocopy: bool | None = None,
                  steering: NicSteering | None = None, socket_group: str | None = None,
                  vm_id: int | None = None, stop_event: threading.Event | None = None,
-                 port_pairs: int = 0, counters_dir: str | None = None):
+                 port_pairs: int = 0, counters_dir: str | None = None,
+                 busy_poll_us: int = 0, napi_budget: int = 0):
         if queues is None:
             queues = () if port_pairs else (0,)
         queues = tuple(queues)
@@ -71,7 +72,8 @@ class Attachment:
                 zerocopy = bool(queues) and all(probe_zerocopy(ifname, q) for q in queues)
             config = BackendConfig(ifname, queues, zerocopy, geometry,
                                    port_ifname=vm.port_ifname, vm_mac=vm.mac_u64,
-                                   port_pairs=port_pairs, counters_dir=counters_dir)
+                                   port_pairs=port_pairs, counters_dir=counters_dir,
+                                   busy_poll_us=busy_poll_us, napi_budget=napi_budget)
             self.backend = NetBackend(config, vm)
             stack.callback(self.backend.close)
             self.server = VhostUserServer(socket_path, self.backend, group=socket_group)

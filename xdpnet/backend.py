@@ -64,6 +64,7 @@ class BackendConfig:
     ring_size: int = 2048                   # XSK ring entries
     batch: int = 64
     busy_poll_us: int = 0                   # poll this long after the last work before sleeping
+    napi_budget: int = 0                    # > 0: SO_PREFER_BUSY_POLL, the thread runs the NAPI
     counters_dir: str | None = None         # files other processes can map
     port_ifname: str | None = None          # the VM's port (docs/steering.md): pair i gets a
                                             # second socket on its queue i
@@ -376,7 +377,8 @@ class NetBackend:
             ctr = self.counters[p]
             qp = QueuePair(p, self.memory, xsk, rx, tx, self.features, ctr,
                            bounce_first=p * per_pair, bounce_count=per_pair, batch=cfg.batch,
-                           busy_poll_us=cfg.busy_poll_us, port=port, vm_mac=cfg.vm_mac,
+                           busy_poll_us=cfg.busy_poll_us, napi_budget=cfg.napi_budget,
+                           port=port, vm_mac=cfg.vm_mac,
                            port_fill_target=cfg.port_fill_target)
             qp.set_local_macs(self.local_macs)
             if self.steering is not None:

@@ -55,6 +55,8 @@ class ServeOptions:
     name: str | None = None             # register as this VM (xdpnet list/stats/top)
     state_dir: str | None = None        # run directory of the registry (default /run/xdpnet)
     port_pairs: int = 0                 # no NIC queues: this many pairs through the VM's port
+    busy_poll_us: int = 0               # datapath keeps polling this long after the last work
+    napi_budget: int = 0                # > 0: the datapath runs the NIC queue's NAPI (busy poll)
 
     @property
     def pairs(self) -> int:
@@ -91,6 +93,13 @@ def validate(opts: ServeOptions, what: str = "xdpnet serve") -> ServeOptions:
     or port-only pairs, privilege, name, MAC, interface, queues (raises;
     exit codes in xdpnet.errors).  Returns *opts* with the MAC normalised
     (``52:54:00:12:34:56``)."""
+    if not 0 <= opts.busy_poll_us <= 1_000_000:
+        raise UsageError(f"--busy-poll {opts.busy_poll_us}: give 0..1000000 microseconds")
+    if not 0 <= opts.napi_budget <= 1024:
+        raise UsageError(f"--napi-budget {opts.napi_budget}: give 0..1024 frames")
+    if opts.napi_budget and not opts.busy_poll_us:
+        raise UsageError("--napi-budget needs --busy-poll: the kernel's NAPI work moves to "
+                         "the datapath thread only while it busy-polls")
     if opts.port_pairs < 0:
         raise UsageError(f"port-only pairs {opts.port_pairs}: must be >= 1")
     if opts.queues and opts.port_pairs:
@@ -143,7 +152,8 @@ def run(opts: ServeOptions, ready: threading.Event | None = None,
             Attachment(opts.iface, opts.mac, opts.socket, queues=opts.queues,
                        port_pairs=opts.port_pairs, geometry=geometry,
                        xdp_mode=opts.xdp_mode, zerocopy=zc, socket_group=opts.socket_group,
-                       stop_event=stop, counters_dir=rec.counters_dir if rec else None,))
+                       stop_event=stop, counters_dir=rec.counters_dir if rec else None,
+                       busy_poll_us=opts.busy_poll_us, napi_budget=opts.napi_budget))
         privilege.drop_after_setup()    # issue 7.5: least privilege from here on
         xsk_mode = "zero-copy" if att.zerocopy else "copy"
         if reg is not None and rec is not None:

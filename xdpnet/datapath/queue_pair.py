@@ -64,7 +64,8 @@ class QueuePair:
     def __init__(self, index: int, memory: GuestMemory, xsk: XskSocket | None, rx: RingConfig,
                  tx: RingConfig, features: int, counters: CounterBlock, *,
                  bounce_first: int, bounce_count: int, batch: int = 64,
-                 busy_poll_us: int = 0, port: XskSocket | None = None, vm_mac: int = 0,
+                 busy_poll_us: int = 0, napi_budget: int = 0, port: XskSocket | None = None,
+                 vm_mac: int = 0,
                  port_fill_target: int = 0):
         if xsk is None and port is None:
             raise XdpnetError(f"queue pair {index}: needs a direct or a port socket")
@@ -81,6 +82,8 @@ class QueuePair:
         cfg.bounce_count = bounce_count
         cfg.batch = batch
         cfg.busy_poll_us = busy_poll_us
+        if napi_budget:
+            cfg.napi_budget = napi_budget
         out = ffi.new("struct xn_qp **")
         err = lib.xn_qp_create(out, cfg, counters.ptr)
         if err:

@@ -78,6 +78,10 @@ def _spawn(opts: ServeOptions, reg: Registry, verbose: int) -> subprocess.Popen:
         argv += ["--port-pairs", str(opts.port_pairs)]
     if opts.socket_group:
         argv += ["--group", opts.socket_group]
+    if opts.busy_poll_us:
+        argv += ["--busy-poll", str(opts.busy_poll_us)]
+    if opts.napi_budget:
+        argv += ["--napi-budget", str(opts.napi_budget)]
     argv += ["-v"] * verbose
     log = reg.log_path(opts.name)
     with open(log, "ab") as out:
