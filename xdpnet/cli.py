@@ -52,6 +52,8 @@ SERVE_EPILOG = """\
 examples:
   xdpnet serve --iface eth1 --queue 0 --mac 52:54:00:12:34:56 --socket /run/xdpnet/vm1.sock
   xdpnet serve --iface eth1 --queue 2,3 --mac 52:54:00:12:34:56 --socket /tmp/vm1.sock -v
+  xdpnet serve --iface eth1 --queue 0 --mac 52:54:00:12:34:56 --socket /tmp/vm1.sock \\
+        --busy-poll 200 --napi-budget 64      # lower latency: the thread spins while busy
 
 Serves one VM in the foreground: frames for MAC (and broadcast/multicast)
 arriving on the given NIC queue(s) are written by the kernel (or the NIC)
@@ -59,6 +61,9 @@ straight into the VM's rx buffers; the VM's tx frames leave from its own
 memory.  Prints the QEMU options the VM needs, then serves until
 SIGINT/SIGTERM.  With N queues the VM gets N queue pairs (queues=N, mq=on
 in QEMU).  'xdpnet attach' runs this in the background as a named VM.
+By default each queue pair's thread sleeps in poll() as soon as it runs
+out of work; --busy-poll trades a CPU while traffic flows for fewer guest
+kicks and a lower round trip (docs/benchmarks.md has the numbers).
 
 """ + EXIT_CODES
 
