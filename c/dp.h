@@ -213,6 +213,14 @@ void xn_vq_used_publish(struct xn_vq *vq);
 void xn_vq_notify(struct xn_vq *vq);
 void xn_vq_enable_kick(struct xn_vq *vq, bool enable);
 void xn_vq_break(struct xn_vq *vq, int reason);
+int xn_vq_init_pair(struct xn_vq *rx, struct xn_vq *tx, const struct xn_memmap *mem,
+		    const struct xn_vring_config *rxc, const struct xn_vring_config *txc,
+		    uint64_t features, struct xn_counters *ctr);
+void xn_vq_flush(struct xn_vq *vq);
+void xn_vq_set_enabled(struct xn_vq *vq, int enabled);
+void xn_vq_set_call_fd(struct xn_vq *vq, int fd);
+void xn_efd_signal(int fd);
+bool xn_efd_drain(int fd);
 int xn_translate(const struct xn_memmap *mem, uint64_t gpa, uint64_t len, uint64_t *off);
 uint32_t xn_chain_read(const struct xn_memmap *mem, const struct xn_chain *ch, uint32_t skip,
 		       uint8_t *dst, uint32_t len);

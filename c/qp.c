@@ -162,24 +162,14 @@ int xn_qp_create(struct xn_qp **out, const struct xn_qp_config *cfg,
 	qp->cfg = *cfg;
 	qp->mem = mem;
 	qp->ctr = ctr;
-	ctr->rx_broken = 0;     /* the rings start afresh; the rest keeps counting */
-	ctr->tx_broken = 0;
 	kbase_init(qp);
 	qp->batch = cfg->batch ? cfg->batch : 64;
 	qp->mrg_rxbuf = cfg->features & (1ULL << VIRTIO_NET_F_MRG_RXBUF);
 	qp->vm_mac = cfg->vm_mac;
 	qp->stop_fd = -1;
-	err = xn_vq_init(&qp->rx, mem, &cfg->rx, cfg->features, true);
-	if (!err)
-		err = xn_vq_init(&qp->tx, mem, &cfg->tx, cfg->features, false);
+	err = xn_vq_init_pair(&qp->rx, &qp->tx, mem, &cfg->rx, &cfg->tx, cfg->features, ctr);
 	if (err)
 		goto fail;
-	qp->rx.broken = &ctr->rx_broken;
-	qp->tx.broken = &ctr->tx_broken;
-	qp->rx.notify_ctr = &ctr->rx_notify;
-	qp->tx.notify_ctr = &ctr->tx_notify;
-	qp->rx.kick_ctr = &ctr->rx_kicks;
-	qp->tx.kick_ctr = &ctr->tx_kicks;
 
 	err = -ENOMEM;
 	/* The port socket is capped only when the direct one takes the rest. */
@@ -321,16 +311,6 @@ bool xn_qp_local_mac(struct xn_qp *qp, uint64_t mac)
 	return false;
 }
 
-/* wake() - interrupt the loop's poll(). */
-static void wake(struct xn_qp *qp)
-{
-	uint64_t one = 1;
-
-	if (write(qp->stop_fd, &one, sizeof(one)) < 0) {
-		/* The counter is saturated: the loop is awake anyway. */
-	}
-}
-
 /**
  * xn_qp_stop() - ask the run loop to return (thread-safe)
  *
@@ -339,7 +319,7 @@ static void wake(struct xn_qp *qp)
 int xn_qp_stop(struct xn_qp *qp)
 {
 	__atomic_store_n(&qp->stopping, 1, __ATOMIC_RELEASE);
-	wake(qp);
+	xn_efd_signal(qp->stop_fd);
 	return 0;
 }
 
@@ -353,8 +333,8 @@ int xn_qp_set_enabled(struct xn_qp *qp, int ring, int enabled)
 {
 	if (ring != 0 && ring != 1)
 		return -EINVAL;
-	__atomic_store_n(ring ? &qp->tx.enabled : &qp->rx.enabled, !!enabled, __ATOMIC_RELEASE);
-	wake(qp);
+	xn_vq_set_enabled(ring ? &qp->tx : &qp->rx, enabled);
+	xn_efd_signal(qp->stop_fd);
 	return 0;
 }
 
@@ -370,7 +350,7 @@ int xn_qp_set_call_fd(struct xn_qp *qp, int ring, int fd)
 {
 	if (ring != 0 && ring != 1)
 		return -EINVAL;
-	__atomic_store_n(ring ? &qp->tx.call_fd : &qp->rx.call_fd, fd, __ATOMIC_RELEASE);
+	xn_vq_set_call_fd(ring ? &qp->tx : &qp->rx, fd);
 	return 0;
 }
 
@@ -407,22 +387,6 @@ static void refresh_stats(struct xn_qp *qp)
 	c->kernel_rx_ring_full = sum.rx_ring_full;
 	c->kernel_fill_empty = sum.rx_fill_ring_empty_descs;
 	c->kernel_tx_ring_empty = sum.tx_ring_empty_descs;
-}
-
-/* publish() - publish used entries of both rings and notify the guest. */
-static void publish(struct xn_qp *qp)
-{
-	struct xn_vq *vqs[2] = { &qp->rx, &qp->tx };
-	int i;
-
-	for (i = 0; i < 2; i++) {
-		struct xn_vq *vq = vqs[i];
-
-		if (vq->used_idx == vq->signalled && vq->signalled_valid)
-			continue;
-		xn_vq_used_publish(vq);
-		xn_vq_notify(vq);
-	}
 }
 
 /* ring_used() - entries between a ring's consumer and producer. */
@@ -463,14 +427,6 @@ static void gauges(struct xn_qp *qp)
 	c->tx_used_idx = qp->tx.used_idx;
 }
 
-/* drain_fd() - read an eventfd to zero; Return: true if it was signalled. */
-static bool drain_fd(int fd)
-{
-	uint64_t v;
-
-	return fd >= 0 && read(fd, &v, sizeof(v)) == sizeof(v);
-}
-
 /* pass() - one round over both directions; Return: units of work done. */
 static int pass(struct xn_qp *qp)
 {
@@ -483,7 +439,8 @@ static int pass(struct xn_qp *qp)
 	xn_tx_kick(qp);
 	/* Copy mode completes inside sendto(): return those chains now. */
 	work += xn_tx_complete(qp);
-	publish(qp);
+	xn_vq_flush(&qp->rx);
+	xn_vq_flush(&qp->tx);
 	return work;
 }
 
@@ -606,12 +563,12 @@ static int run_loop(struct xn_qp *qp)
 		if (poll(pfd, npfd, idle_timeout(qp)) < 0 && errno != EINTR)
 			return -errno;
 		qp->ctr->wakeups++;
-		if ((pfd[0].revents & POLLIN) && drain_fd(qp->rx.kick_fd))
+		if ((pfd[0].revents & POLLIN) && xn_efd_drain(qp->rx.kick_fd))
 			qp->ctr->rx_kicks++;
-		if ((pfd[1].revents & POLLIN) && drain_fd(qp->tx.kick_fd))
+		if ((pfd[1].revents & POLLIN) && xn_efd_drain(qp->tx.kick_fd))
 			qp->ctr->tx_kicks++;
 		if (pfd[2].revents & POLLIN)
-			drain_fd(qp->stop_fd);
+			xn_efd_drain(qp->stop_fd);
 		for (i = 0; i < XN_NSOCK; i++)
 			if (qp->sock[i].txq_count)
 				qp->sock[i].tx_kick_needed = true;
@@ -679,7 +636,8 @@ int xn_qp_drain(struct xn_qp *qp, uint32_t timeout_ms)
 		if (!xn_tx_complete(qp))
 			nanosleep(&ts, NULL);
 	}
-	publish(qp);
+	xn_vq_flush(&qp->rx);
+	xn_vq_flush(&qp->tx);
 	xn_fault_disarm();
 	refresh_stats(qp);
 	gauges(qp);
@@ -781,7 +739,8 @@ int xn_qp_quiesce(struct xn_qp *qp, uint16_t *rx_last_avail, uint16_t *tx_last_a
 		qp->ctr->rx_rewound += run;
 		qp->ctr->rx_returned_empty += inflight - run;
 	}
-	publish(qp);
+	xn_vq_flush(&qp->rx);
+	xn_vq_flush(&qp->tx);
 	xn_fault_disarm();
 out:
 	memset(m->key, 0, (m->mask + 1) * sizeof(*m->key));

@@ -88,19 +88,9 @@ int xn_tap_create(struct xn_tap **out, const struct xn_tap_config *cfg)
 	t->stop_fd = -1;
 	t->batch = cfg->batch ? cfg->batch : 64;
 	t->poll_timeout_ms = cfg->poll_timeout_ms ? cfg->poll_timeout_ms : 250;
-	ctr->rx_broken = 0;
-	ctr->tx_broken = 0;
-	err = xn_vq_init(&t->rx, t->mem, &cfg->rx, cfg->features, true);
-	if (!err)
-		err = xn_vq_init(&t->tx, t->mem, &cfg->tx, cfg->features, false);
+	err = xn_vq_init_pair(&t->rx, &t->tx, t->mem, &cfg->rx, &cfg->tx, cfg->features, ctr);
 	if (err)
 		goto fail;
-	t->rx.broken = &ctr->rx_broken;
-	t->tx.broken = &ctr->tx_broken;
-	t->rx.notify_ctr = &ctr->rx_notify;
-	t->tx.notify_ctr = &ctr->tx_notify;
-	t->rx.kick_ctr = &ctr->rx_kicks;
-	t->tx.kick_ctr = &ctr->tx_kicks;
 	t->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (t->stop_fd < 0) {
 		err = -errno;
@@ -124,16 +114,6 @@ void xn_tap_destroy(struct xn_tap *t)
 	free(t);
 }
 
-/* wake() - interrupt the loop's poll(). */
-static void wake(struct xn_tap *t)
-{
-	uint64_t one = 1;
-
-	if (write(t->stop_fd, &one, sizeof(one)) < 0) {
-		/* The counter is saturated: the loop is awake anyway. */
-	}
-}
-
 /**
  * xn_tap_stop() - ask the run loop to return (thread-safe)
  *
@@ -142,7 +122,7 @@ static void wake(struct xn_tap *t)
 int xn_tap_stop(struct xn_tap *t)
 {
 	__atomic_store_n(&t->stopping, 1, __ATOMIC_RELEASE);
-	wake(t);
+	xn_efd_signal(t->stop_fd);
 	return 0;
 }
 
@@ -156,8 +136,8 @@ int xn_tap_set_enabled(struct xn_tap *t, int ring, int enabled)
 {
 	if (ring != 0 && ring != 1)
 		return -EINVAL;
-	__atomic_store_n(ring ? &t->tx.enabled : &t->rx.enabled, !!enabled, __ATOMIC_RELEASE);
-	wake(t);
+	xn_vq_set_enabled(ring ? &t->tx : &t->rx, enabled);
+	xn_efd_signal(t->stop_fd);
 	return 0;
 }
 
@@ -173,7 +153,7 @@ int xn_tap_set_call_fd(struct xn_tap *t, int ring, int fd)
 {
 	if (ring != 0 && ring != 1)
 		return -EINVAL;
-	__atomic_store_n(ring ? &t->tx.call_fd : &t->rx.call_fd, fd, __ATOMIC_RELEASE);
+	xn_vq_set_call_fd(ring ? &t->tx : &t->rx, fd);
 	return 0;
 }
 
@@ -325,23 +305,6 @@ static int tx_one(struct xn_tap *t)
 	return 1;
 }
 
-/* publish() - publish used entries of both rings and notify the guest
- * (per its event index or NO_INTERRUPT flag). */
-static void publish(struct xn_tap *t)
-{
-	struct xn_vq *vqs[2] = { &t->rx, &t->tx };
-	int i;
-
-	for (i = 0; i < 2; i++) {
-		struct xn_vq *vq = vqs[i];
-
-		if (vq->used_idx == vq->signalled && vq->signalled_valid)
-			continue;
-		xn_vq_used_publish(vq);
-		xn_vq_notify(vq);
-	}
-}
-
 /* gauges() - update the gauges readers show (nothing is ever held in
  * flight: every chain taken is returned in the same pass). */
 static void gauges(struct xn_tap *t)
@@ -380,8 +343,10 @@ static int pass(struct xn_tap *t)
 	}
 	if (r < 0)
 		err = r;
-	if (!t->mem_fault)
-		publish(t);
+	if (!t->mem_fault) {
+		xn_vq_flush(&t->rx);
+		xn_vq_flush(&t->tx);
+	}
 	return err ? err : work;
 }
 
@@ -392,14 +357,6 @@ static bool has_work(struct xn_tap *t)
 	if (!t->tx_wait && xn_vq_avail(&t->tx) > 0)
 		return true;
 	return !t->rx_wait && xn_vq_avail(&t->rx) > 0;
-}
-
-/* drain_fd() - read an eventfd to zero; Return: true if it was signalled. */
-static bool drain_fd(int fd)
-{
-	uint64_t v;
-
-	return fd >= 0 && read(fd, &v, sizeof(v)) == sizeof(v);
 }
 
 /* idle_timeout() - Return: ms an idle loop sleeps: 1 if a ring has no
@@ -436,14 +393,14 @@ static int sleep_once(struct xn_tap *t)
 	if (poll(pfd, 4, idle_timeout(t)) < 0 && errno != EINTR)
 		return -errno;
 	t->ctr->wakeups++;
-	if ((pfd[0].revents & POLLIN) && drain_fd(t->rx.kick_fd)) {
+	if ((pfd[0].revents & POLLIN) && xn_efd_drain(t->rx.kick_fd)) {
 		t->ctr->rx_kicks++;
 		t->rx_wait = false;     /* new buffers: try the tap again */
 	}
-	if ((pfd[1].revents & POLLIN) && drain_fd(t->tx.kick_fd))
+	if ((pfd[1].revents & POLLIN) && xn_efd_drain(t->tx.kick_fd))
 		t->ctr->tx_kicks++;
 	if (pfd[2].revents & POLLIN)
-		drain_fd(t->stop_fd);
+		xn_efd_drain(t->stop_fd);
 	if (pfd[3].revents & (POLLIN | POLLERR | POLLHUP))
 		t->rx_wait = false;
 	if (pfd[3].revents & (POLLOUT | POLLERR | POLLHUP))
@@ -527,7 +484,8 @@ int xn_tap_quiesce(struct xn_tap *t, uint16_t *rx_last_avail, uint16_t *tx_last_
 			mem_gone(t);
 		} else {
 			xn_fault_arm(&g, t->mem);
-			publish(t);
+			xn_vq_flush(&t->rx);
+			xn_vq_flush(&t->tx);
 			xn_fault_disarm();
 		}
 	}

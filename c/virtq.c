@@ -89,6 +89,83 @@ int xn_vq_init(struct xn_vq *vq, const struct xn_memmap *mem,
 }
 
 /**
+ * xn_vq_init_pair() - set up a queue pair's rx and tx virtqueues and
+ * point their counters into the pair's counter block
+ * @rx, @tx:	the queues
+ * @mem:	the UMEM map
+ * @rxc, @txc:	the frontend's ring configurations
+ * @features:	negotiated virtio features
+ * @ctr:	counter block: keeps counting, only the broken reasons are
+ *		reset (the rings start afresh)
+ *
+ * Return: 0, or -EINVAL from xn_vq_init().
+ */
+int xn_vq_init_pair(struct xn_vq *rx, struct xn_vq *tx, const struct xn_memmap *mem,
+		    const struct xn_vring_config *rxc, const struct xn_vring_config *txc,
+		    uint64_t features, struct xn_counters *ctr)
+{
+	int err;
+
+	ctr->rx_broken = 0;
+	ctr->tx_broken = 0;
+	err = xn_vq_init(rx, mem, rxc, features, true);
+	if (!err)
+		err = xn_vq_init(tx, mem, txc, features, false);
+	if (err)
+		return err;
+	rx->broken = &ctr->rx_broken;
+	tx->broken = &ctr->tx_broken;
+	rx->notify_ctr = &ctr->rx_notify;
+	tx->notify_ctr = &ctr->tx_notify;
+	rx->kick_ctr = &ctr->rx_kicks;
+	tx->kick_ctr = &ctr->tx_kicks;
+	return 0;
+}
+
+/**
+ * xn_vq_set_enabled() - SET_VRING_ENABLE from the control thread
+ * @vq:		the queue
+ * @enabled:	the new state; the caller then wakes the datapath loop
+ */
+void xn_vq_set_enabled(struct xn_vq *vq, int enabled)
+{
+	__atomic_store_n(&vq->enabled, !!enabled, __ATOMIC_RELEASE);
+}
+
+/**
+ * xn_vq_set_call_fd() - swap the call eventfd from the control thread
+ * @vq:		the queue
+ * @fd:		new eventfd, -1 for none; the caller keeps the old one open
+ *		until the loop has stopped (it may be writing to it now)
+ */
+void xn_vq_set_call_fd(struct xn_vq *vq, int fd)
+{
+	__atomic_store_n(&vq->call_fd, fd, __ATOMIC_RELEASE);
+}
+
+/**
+ * xn_efd_signal() - add one to an eventfd (a saturated counter is
+ * signalled already, so a failed write is fine)
+ * @fd:		the eventfd
+ */
+void xn_efd_signal(int fd)
+{
+	uint64_t one = 1;
+
+	if (write(fd, &one, sizeof(one)) < 0) {
+		/* saturated: the reader is woken anyway */
+	}
+}
+
+/* xn_efd_drain() - read an eventfd to zero; Return: true if it was signalled. */
+bool xn_efd_drain(int fd)
+{
+	uint64_t v;
+
+	return fd >= 0 && read(fd, &v, sizeof(v)) == sizeof(v);
+}
+
+/**
  * xn_vq_break() - stop a queue after the guest broke the ring protocol
  * @vq:		the queue
  * @reason:	XN_BROKEN_* code, kept for the control plane to log once
@@ -318,6 +395,19 @@ void xn_vq_used_add(struct xn_vq *vq, uint16_t head, uint32_t len)
 void xn_vq_used_publish(struct xn_vq *vq)
 {
 	__atomic_store_n(&vq->used->idx, vq->used_idx, __ATOMIC_RELEASE);
+}
+
+/**
+ * xn_vq_flush() - publish the used entries added since the last signal
+ * and signal the guest if it asked for it; nothing when there are none
+ * @vq:		the queue
+ */
+void xn_vq_flush(struct xn_vq *vq)
+{
+	if (vq->used_idx == vq->signalled && vq->signalled_valid)
+		return;
+	xn_vq_used_publish(vq);
+	xn_vq_notify(vq);
 }
 
 /**
