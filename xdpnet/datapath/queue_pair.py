@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from xdpnet._native import ffi, lib
 from xdpnet.datapath.counters import CounterBlock
@@ -40,7 +41,8 @@ class RingConfig:
     enabled: bool
 
 
-def _fill_ring(c, r: RingConfig) -> None:
+def fill_ring(c, r: RingConfig) -> None:
+    """Fill a ``struct xn_vring_config`` from a RingConfig."""
     c.num = r.num
     c.enabled = int(r.enabled)
     c.desc_off = r.desc_off
@@ -51,7 +53,82 @@ def _fill_ring(c, r: RingConfig) -> None:
     c.call_fd = r.call_fd
 
 
-class QueuePair:
+@dataclass(frozen=True)
+class PairApi:
+    """The C calls of one kind of queue pair (c/qp.c or c/tap.c)."""
+
+    run: Callable
+    stop: Callable
+    set_enabled: Callable
+    set_call_fd: Callable
+    quiesce: Callable
+    destroy: Callable
+
+
+class DatapathPair:
+    """What every queue pair kind shares: the C object ``ptr``, the thread
+    its loop runs on (GIL released for the whole run), and the control
+    calls the vhost-user side makes.  Subclasses create ``ptr`` and set
+    ``api``, ``index`` and ``name``."""
+
+    api: PairApi
+    index: int
+    name: str
+    ptr = None
+    _thread: threading.Thread | None = None
+    error: int = 0
+
+    def start(self) -> None:
+        """Run the datapath on its own thread (named ``self.name``)."""
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    @property
+    def native_id(self) -> int | None:
+        """Kernel thread id of the datapath thread (for affinity, /proc stats)."""
+        return self._thread.native_id if self._thread is not None else None
+
+    def _run(self) -> None:
+        # Name the OS thread too, so top/ps/perf show which pair it is.
+        _libc.prctl(15, self.name.encode()[:15], 0, 0, 0)     # PR_SET_NAME
+        err = self.api.run(self.ptr)
+        if err:
+            self.error = -err
+            log.error("%s: datapath stopped: %s", self.name, os.strerror(-err))
+
+    def _stop_thread(self) -> None:
+        """Make the loop return and wait for its thread."""
+        self.api.stop(self.ptr)
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def set_enabled(self, ring: int, enabled: bool) -> None:
+        self.api.set_enabled(self.ptr, ring, int(enabled))
+
+    def set_call_fd(self, ring: int, fd: int) -> None:
+        self.api.set_call_fd(self.ptr, ring, fd)
+
+    def quiesce(self) -> tuple[int, int]:
+        """After the loop stopped (and, for AF_XDP, the sockets are gone):
+        settle held descriptors.  Returns (rx, tx) last_avail_idx for
+        GET_VRING_BASE."""
+        rx = ffi.new("uint16_t *")
+        tx = ffi.new("uint16_t *")
+        self.api.quiesce(self.ptr, rx, tx)
+        return rx[0], tx[0]
+
+    def destroy(self) -> None:
+        if self.ptr is not None:
+            self.api.destroy(self.ptr)
+            self.ptr = None
+
+
+_QP_API = PairApi(lib.xn_qp_run, lib.xn_qp_stop, lib.xn_qp_set_enabled, lib.xn_qp_set_call_fd,
+                  lib.xn_qp_quiesce, lib.xn_qp_destroy)
+
+
+class QueuePair(DatapathPair):
     """The running datapath of virtqueues (2i, 2i+1) on one or two XSK sockets.
 
     ``xsk`` is the direct socket (a NIC queue), ``port`` the socket on the
@@ -75,8 +152,8 @@ class QueuePair:
         cfg.port_xsk = port.ptr if port is not None else ffi.NULL
         cfg.vm_mac = vm_mac
         cfg.port_fill_target = port_fill_target
-        _fill_ring(cfg.rx, rx)
-        _fill_ring(cfg.tx, tx)
+        fill_ring(cfg.rx, rx)
+        fill_ring(cfg.tx, tx)
         cfg.features = features
         cfg.bounce_first = bounce_first
         cfg.bounce_count = bounce_count
@@ -88,38 +165,16 @@ class QueuePair:
         err = lib.xn_qp_create(out, cfg, counters.ptr)
         if err:
             raise XdpnetError(f"queue pair {index}: datapath set-up failed: {os.strerror(-err)}")
+        self.api = _QP_API
         self.index = index
         self.ptr = out[0]
         self.counters = counters
         self._cfg = cfg             # keeps the memmap pointer's owner alive
         self._memory = memory
-        self._thread: threading.Thread | None = None
-        self.error: int = 0
-
-    def start(self) -> None:
-        """Run the datapath on its own thread."""
-        self._thread = threading.Thread(target=self._run, name=f"xdpnet-qp{self.index}",
-                                        daemon=True)
-        self._thread.start()
 
     @property
-    def native_id(self) -> int | None:
-        """Kernel thread id of the datapath thread (for affinity, /proc stats)."""
-        return self._thread.native_id if self._thread is not None else None
-
-    def _run(self) -> None:
-        # Name the OS thread too, so top/ps/perf show which pair it is.
-        _libc.prctl(15, f"xdpnet-qp{self.index}".encode()[:15], 0, 0, 0)   # PR_SET_NAME
-        err = lib.xn_qp_run(self.ptr)       # GIL released for the whole run
-        if err:
-            self.error = -err
-            log.error("queue pair %d: datapath stopped: %s", self.index, os.strerror(-err))
-
-    def set_enabled(self, ring: int, enabled: bool) -> None:
-        lib.xn_qp_set_enabled(self.ptr, ring, int(enabled))
-
-    def set_call_fd(self, ring: int, fd: int) -> None:
-        lib.xn_qp_set_call_fd(self.ptr, ring, fd)
+    def name(self) -> str:
+        return f"xdpnet-qp{self.index}"
 
     def set_local_macs(self, macs: list[int]) -> None:
         """Frames to these MACs (u64, :func:`xdpnet.net.mac.mac_to_u64`: the other VMs on
@@ -132,29 +187,11 @@ class QueuePair:
 
     def stop(self, drain_ms: int = 200) -> int:
         """Stop the loop and drain; returns tx frames left uncompleted."""
-        lib.xn_qp_stop(self.ptr)
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._stop_thread()
         return lib.xn_qp_drain(self.ptr, drain_ms)
-
-    def quiesce(self) -> tuple[int, int]:
-        """After the sockets are gone: settle held descriptors.
-
-        Returns (rx last_avail_idx, tx last_avail_idx) for GET_VRING_BASE.
-        """
-        rx = ffi.new("uint16_t *")
-        tx = ffi.new("uint16_t *")
-        lib.xn_qp_quiesce(self.ptr, rx, tx)
-        return rx[0], tx[0]
 
     def rx_trace(self) -> list[tuple[int, int]]:
         """(frame offset, posted buffer offset) of the last rx frames."""
         out = ffi.new("uint64_t[]", 128)
         n = lib.xn_qp_rx_trace(self.ptr, out, 64)
         return [(out[2 * i], out[2 * i + 1]) for i in range(n)]
-
-    def destroy(self) -> None:
-        if self.ptr is not None:
-            lib.xn_qp_destroy(self.ptr)
-            self.ptr = None
