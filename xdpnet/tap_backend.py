@@ -22,7 +22,6 @@ the bridge and remove them on close::
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -36,6 +35,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from xdpnet.backend import BackendConfig, NetBackend
 from xdpnet.datapath.tap_pair import TapQueuePair
 from xdpnet.errors import UsageError, XdpnetError
+from xdpnet.net.link import delete_link, disable_ipv6, link_index
 from xdpnet.vhost.protocol import MemRegion
 
 log = logging.getLogger("xdpnet.tap")
@@ -45,38 +45,6 @@ TUNSETIFF = 0x400454CA          # _IOW('T', 202, int)
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFNAMSIZ = 16
-
-
-def _disable_ipv6(ifname: str) -> None:
-    """No router solicitations or MLD reports from *ifname* (they would
-    mix with test traffic)."""
-    try:
-        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:
-            f.write("1")
-    except FileNotFoundError:
-        pass                    # IPv6 not built in
-
-
-def _ifindex(ipr: IPRoute, ifname: str) -> int:
-    found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise XdpnetError(f"interface {ifname} not found")
-    return found[0]
-
-
-def _del_link(ifname: str) -> bool:
-    """Delete *ifname* in this namespace if it exists; True if it did."""
-    try:
-        with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=ifname)
-            if not found:
-                return False
-            ipr.link("del", index=found[0])
-            return True
-    except NetlinkError as e:
-        if e.code in (errno.ENODEV, errno.ENOENT):
-            return False
-        raise
 
 
 class TapDevice:
@@ -99,9 +67,9 @@ class TapDevice:
                 raise XdpnetError(f"cannot create tap {ifname}: {os.strerror(e.errno)}") from None
             self.ifname = res[:IFNAMSIZ].rstrip(b"\0").decode()
             if not ipv6:
-                _disable_ipv6(self.ifname)
+                disable_ipv6(self.ifname)
             with IPRoute() as ipr:
-                idx = _ifindex(ipr, self.ifname)
+                idx = link_index(ipr, self.ifname)
                 if mtu is not None:
                     ipr.link("set", index=idx, mtu=mtu)
                 ipr.link("set", index=idx, state="up")
@@ -158,21 +126,22 @@ class Bridge:
             except NetlinkError as e:
                 raise XdpnetError(f"cannot create bridge {ifname}: {os.strerror(e.code)}") from None
             try:
-                idx = _ifindex(ipr, ifname)
+                idx = link_index(ipr, ifname)
                 if not ipv6:
-                    _disable_ipv6(ifname)
+                    disable_ipv6(ifname)
                 for port in ports:
-                    ipr.link("set", index=_ifindex(ipr, port), master=idx)
+                    ipr.link("set", index=link_index(ipr, port), master=idx)
                 ipr.link("set", index=idx, state="up")
             except BaseException:
-                _del_link(ifname)
+                delete_link(ipr, ifname)
                 raise
 
     def close(self) -> None:
         """Delete the bridge (idempotent, tolerant of it being gone)."""
         if not self.closed:
             self.closed = True
-            _del_link(self.ifname)
+            with IPRoute() as ipr:
+                delete_link(ipr, self.ifname)
 
     def __enter__(self) -> Bridge:
         return self

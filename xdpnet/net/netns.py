@@ -27,7 +27,6 @@ from __future__ import annotations
 import atexit
 import ctypes
 import ctypes.util
-import errno
 import os
 import re
 import secrets
@@ -41,6 +40,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from xdpnet.errors import DependencyError, PrivilegeError, UsageError, XdpnetError
+from xdpnet.net.link import delete_link, disable_ipv6
 from xdpnet.rundirs import RUN_DIR, open_in, proc_start, process_alive, remove_empty
 
 NETNS_DIR = "/run/netns"
@@ -275,30 +275,9 @@ def _del_link(ifname: str, netns: str | None = None) -> bool:
     if netns is not None and not netns_exists(netns):
         return False
 
-    def delete(ipr: IPRoute) -> bool:
-        idx = ipr.link_lookup(ifname=ifname)
-        if not idx:
-            return False
-        ipr.link("del", index=idx[0])
-        return True
-
     try:
-        return with_ipr(netns, delete)
-    except NetlinkError as e:
-        if e.code in (errno.ENODEV, errno.ENOENT):
-            return False
-        raise
+        return with_ipr(netns, lambda ipr: delete_link(ipr, ifname))
     except UsageError:          # the netns vanished meanwhile
-        return False
-
-
-def _write_sysctl(path: str, value: str) -> bool:
-    """Write *value* to /proc/sys file *path*; False if it does not exist."""
-    try:
-        with open(path, "w") as f:
-            f.write(value)
-        return True
-    except FileNotFoundError:
         return False
 
 
@@ -391,7 +370,7 @@ class Testbed:
         """NIC end (root namespace): IPv6 off unless wanted, MTU, up; learn index and MAC."""
         self.nic_ifindex = ipr.link_lookup(ifname=self.nic)[0]
         if not ipv6:
-            _write_sysctl(f"/proc/sys/net/ipv6/conf/{self.nic}/disable_ipv6", "1")
+            disable_ipv6(self.nic)
         ipr.link("set", index=self.nic_ifindex, mtu=self.mtu)
         ipr.link("set", index=self.nic_ifindex, state="up")
         self.nic_mac = ipr.link("get", index=self.nic_ifindex)[0].get("IFLA_ADDRESS")
@@ -403,7 +382,7 @@ class Testbed:
             raise XdpnetError(f"veth end {self.wire} did not appear in netns {self.netns}")
         self.wire_ifindex = found[0]
         if not ipv6:
-            _write_sysctl(f"/proc/sys/net/ipv6/conf/{self.wire}/disable_ipv6", "1")
+            disable_ipv6(self.wire)
         ipr.link("set", index=self.wire_ifindex, mtu=self.mtu)
         ipr.link("set", index=self.wire_ifindex, state="up")
         lo = ipr.link_lookup(ifname="lo")

@@ -33,6 +33,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from xdpnet.errors import BusyError, PrivilegeError, UsageError, XdpnetError
+from xdpnet.net.link import delete_link, disable_ipv6
 
 log = logging.getLogger("xdpnet.port")
 
@@ -69,14 +70,6 @@ def port_mtu(max_frame: int) -> int:
     return max(MIN_MTU, max_frame - VETH_OVERHEAD)
 
 
-def _disable_ipv6(ifname: str) -> None:
-    try:
-        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:
-            f.write("1")
-    except FileNotFoundError:           # IPv6 not built in: nothing to silence
-        pass
-
-
 @dataclass
 class VmPort:
     """One port (both ends in the caller's network namespace)."""
@@ -102,8 +95,8 @@ class VmPort:
         with IPRoute() as ipr:
             if ipr.link_lookup(ifname=host) or ipr.link_lookup(ifname=port):
                 log.warning("replacing leftover port %s/%s", host, port)
-                _delete(ipr, host)
-                _delete(ipr, port)
+                delete_link(ipr, host)
+                delete_link(ipr, port)
             try:
                 ipr.link("add", ifname=host, kind="veth", num_rx_queues=queues,
                          num_tx_queues=queues, peer={"ifname": port, "num_rx_queues": queues,
@@ -120,7 +113,7 @@ class VmPort:
                 h = ipr.link_lookup(ifname=host)[0]
                 p = ipr.link_lookup(ifname=port)[0]
                 for name in (host, port):
-                    _disable_ipv6(name)
+                    disable_ipv6(name)
                 for idx in (h, p):
                     ipr.link("set", index=idx, mtu=mtu)
                 for idx, fd, what in ((h, tx_prog_fd, "xdpnet_port_tx"),
@@ -135,7 +128,7 @@ class VmPort:
                 for idx in (p, h):
                     ipr.link("set", index=idx, state="up")
             except BaseException:
-                _delete(ipr, host)
+                delete_link(ipr, host)
                 raise
         log.info("port %s/%s: %d queue(s), MTU %d", host, port, queues, mtu)
         return cls(host, port, h, p, queues, mtu)
@@ -145,26 +138,13 @@ class VmPort:
         return delete_port(self.host)
 
 
-def _delete(ipr: IPRoute, ifname: str) -> bool:
-    try:
-        idx = ipr.link_lookup(ifname=ifname)
-        if not idx:
-            return False
-        ipr.link("del", index=idx[0])
-        return True
-    except NetlinkError as e:
-        if e.code in (errno.ENODEV, errno.ENOENT):
-            return False
-        raise
-
-
 def delete_port(ifname: str) -> bool:
     """Delete the port *ifname* (either end's name); True if it existed.
     Refuses names that are not of the port form."""
     if not PORT_NAME_RE.fullmatch(ifname):
         raise UsageError(f"{ifname!r} is not an xdpnet port name")
     with IPRoute() as ipr:
-        return _delete(ipr, ifname)
+        return delete_link(ipr, ifname)
 
 
 def ports_of(nic_ifindex: int) -> list[str]:
