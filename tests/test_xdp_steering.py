@@ -558,6 +558,23 @@ def test_vm_mac_to_xsk_direct(vm):
     assert (c["direct_frames"], c["direct_bytes"]) == (4, sum(map(len, frames)))
 
 
+def test_detached_lends_the_xdp_slot_and_steers_again_after(vm):
+    """NicSteering.detached(): no program on the NIC inside (frames for the
+    VM go to the host stack), the same program -- no recompile -- and the
+    same VM steering after."""
+    lk, nic, v = vm
+    prog = attached_prog_ids(lk.nic)
+    with nic.detached():
+        assert attached_prog_ids(lk.nic) == {}
+        frame = lk.frame(VM_MAC, 100)
+        host, got = lk.exchange([frame], v.direct)
+        assert got == [] and host == [frame]
+    assert attached_prog_ids(lk.nic) == prog
+    frames = [lk.frame(VM_MAC, n) for n in (60, 1514)]
+    host, got = lk.exchange(frames, v.direct)
+    assert host == [] and got == frames
+
+
 def test_port_only_vm_gets_its_unicast_through_its_port(shared):
     lk, nic = shared
     v = VmSockets(lk, nic, OTHER_MAC, direct=False)

@@ -155,21 +155,9 @@ class Env:
     def bare_nic(self):
         """The NIC without xdpnet's XDP program for the duration: DPDK's
         net_af_xdp attaches its own redirect-everything program, and a tap
-        bridge port has none.  The program stays loaded and pinned (the
-        keeper VM holds it) and is attached again afterwards: no recompile."""
-        from xdpnet.steering import programs, xdp
-        from xdpnet.steering.libbpf import MODE_FLAGS
-        mode = self.steering.xdp_mode
-        progs = programs.ProgSet.open(programs.pin_dir(self.nic))
-        ifindex = xdp.ifindex_of(self.nic)
-        try:
-            xdp.xdp_detach(self.nic, ifindex, MODE_FLAGS[mode], progs.fds["nic"])
-            try:
-                yield self.nic
-            finally:
-                xdp.xdp_attach(self.nic, ifindex, progs.fds["nic"], mode)
-        finally:
-            progs.close()
+        bridge port has none (NicSteering.detached: no recompile)."""
+        with self.steering.detached():
+            yield self.nic
 
     def flood(self, seconds: float, size: int) -> Worker:
         """The generator: AF_PACKET flood to VM_MAC from the wire namespace, on GEN_CPU."""

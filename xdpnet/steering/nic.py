@@ -513,6 +513,23 @@ class NicSteering:
                 st.ensure_current_locked()
                 yield st
 
+    @contextlib.contextmanager
+    def detached(self):
+        """The NIC without the steering program for a while -- another XDP
+        user needs the slot (tools/bench: DPDK's net_af_xdp, a plain bridge
+        port).  Pins, maps and VMs stay; the program is attached again
+        afterwards in the same mode, with no recompile."""
+        with self._locked() as st:
+            assert st.progs is not None
+            xdp.xdp_detach(self.ifname, self.ifindex, MODE_FLAGS[st.mode], st.progs.fds["nic"])
+        try:
+            yield self
+        finally:
+            with self._locked() as st:
+                assert st.progs is not None
+                if st.progs.ids["nic"] not in xdp.attached_prog_ids(self.ifname).values():
+                    xdp.xdp_attach(self.ifname, self.ifindex, st.progs.fds["nic"], st.mode)
+
     def _maps(self) -> MapSet:
         st = self._st
         if st.closed or st.maps is None:
