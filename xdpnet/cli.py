@@ -411,39 +411,33 @@ def _cmd_detach(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_list(args: argparse.Namespace) -> int:
-    from xdpnet.operator.registry import Registry
-
-    records = Registry(args.state_dir).records()
-    if args.json:
-        from xdpnet.operator.snapshot import list_json
-
-        print(json.dumps(list_json(records), indent=2))
-        return 0
-    if not records:
+def _show(items: list, as_json: bool, to_json, to_table) -> int:
+    """``list`` / ``stats`` output: JSON (always, even empty), else a table,
+    or a line saying there is nothing."""
+    if as_json:
+        print(json.dumps(to_json(items), indent=2))
+    elif not items:
         print("no VMs attached")
-        return 0
-    from xdpnet.operator.dashboard import list_table
-
-    _console().print(list_table(records))
+    else:
+        _console().print(to_table(items))
     return 0
 
 
+def _cmd_list(args: argparse.Namespace) -> int:
+    from xdpnet.operator.dashboard import list_table
+    from xdpnet.operator.registry import Registry
+    from xdpnet.operator.snapshot import list_json
+
+    return _show(Registry(args.state_dir).records(), args.json, list_json, list_table)
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
+    from xdpnet.operator.dashboard import stats_table
     from xdpnet.operator.registry import Registry
     from xdpnet.operator.snapshot import read_all, stats_json
 
     readings = read_all(Registry(args.state_dir), args.name)
-    if args.json:
-        print(json.dumps(stats_json(readings), indent=2))
-        return 0
-    if not readings:
-        print("no VMs attached")
-        return 0
-    from xdpnet.operator.dashboard import stats_table
-
-    _console().print(stats_table(readings))
-    return 0
+    return _show(readings, args.json, stats_json, stats_table)
 
 
 def _cmd_top(args: argparse.Namespace) -> int:
