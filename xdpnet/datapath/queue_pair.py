@@ -78,6 +78,18 @@ class DatapathPair:
     _thread: threading.Thread | None = None
     error: int = 0
 
+    def _adopt(self, api: PairApi, what: str, index: int, err: int, out, cfg,
+               memory: GuestMemory, counters: CounterBlock) -> None:
+        """Take the pair the C create call made (*err*: its return, *out*:
+        its out pointer); *cfg* (it owns the memmap pointer) and *memory*
+        stay referenced as long as the pair."""
+        if err:
+            raise XdpnetError(f"{what} {index}: datapath set-up failed: {os.strerror(-err)}")
+        self.api, self.index, self.ptr = api, index, out[0]
+        self.counters = counters
+        self._cfg = cfg
+        self._memory = memory
+
     def start(self) -> None:
         """Run the datapath on its own thread (named ``self.name``)."""
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -162,15 +174,8 @@ class QueuePair(DatapathPair):
         if napi_budget:
             cfg.napi_budget = napi_budget
         out = ffi.new("struct xn_qp **")
-        err = lib.xn_qp_create(out, cfg, counters.ptr)
-        if err:
-            raise XdpnetError(f"queue pair {index}: datapath set-up failed: {os.strerror(-err)}")
-        self.api = _QP_API
-        self.index = index
-        self.ptr = out[0]
-        self.counters = counters
-        self._cfg = cfg             # keeps the memmap pointer's owner alive
-        self._memory = memory
+        self._adopt(_QP_API, "queue pair", index, lib.xn_qp_create(out, cfg, counters.ptr), out,
+                    cfg, memory, counters)
 
     @property
     def name(self) -> str:

@@ -10,12 +10,9 @@ quiesce (the rings' last_avail_idx for GET_VRING_BASE), destroy.
 
 from __future__ import annotations
 
-import os
-
 from xdpnet._native import ffi, lib
 from xdpnet.datapath.counters import CounterBlock
 from xdpnet.datapath.queue_pair import DatapathPair, PairApi, RingConfig, fill_ring
-from xdpnet.errors import XdpnetError
 from xdpnet.memory.umem import GuestMemory
 
 
@@ -45,15 +42,8 @@ class TapQueuePair(DatapathPair):
         cfg.batch = batch
         cfg.poll_timeout_ms = poll_timeout_ms
         out = ffi.new("struct xn_tap **")
-        err = lib.xn_tap_create(out, cfg)
-        if err:
-            raise XdpnetError(f"tap queue pair {index}: set-up failed: {os.strerror(-err)}")
-        self.api = _TAP_API
-        self.index = index
-        self.ptr = out[0]
-        self.counters = counters
-        self._cfg = cfg             # keeps the memmap pointer's owner alive
-        self._memory = memory
+        self._adopt(_TAP_API, "tap queue pair", index, lib.xn_tap_create(out, cfg), out, cfg,
+                    memory, counters)
 
     @property
     def name(self) -> str:
